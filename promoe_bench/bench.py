@@ -1,0 +1,137 @@
+"""`promoe-bench run`: every strategy on the same prompts and seed, one run folder for all of them."""
+
+import datetime
+from dataclasses import dataclass
+
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from . import provenance
+from .builtin_model import builtin_checkpoint
+from .checkpoint import LoadedModel, load_checkpoint
+from .config import RunConfig, cache_capacity
+from .errors import UsageError
+from .generation import generate
+from .links import CudaLink, EmulatedLink
+from .offload import OffloadRuntime
+from .results import RunWriter
+from .strategies import resolve
+from .summary import summarize
+
+
+@dataclass
+class StrategyRun:
+    label: str
+    capacity: int
+    requests: list[dict]
+    steps: list[dict]
+    layers: list[dict]
+    tokens: torch.Tensor  # [B, N] of the last repeat
+    link: dict
+
+
+def make_prompts(cfg: RunConfig, vocab_size: int) -> torch.Tensor:
+    """Random token ids [B, P], the same for every strategy of a run (seeded)."""
+    generator = torch.Generator().manual_seed(cfg.seed)
+    return torch.randint(0, vocab_size, (cfg.batch_size, cfg.prompt_len), generator=generator)
+
+
+def make_link(cfg: RunConfig, device: torch.device):
+    if device.type == "cuda":
+        return CudaLink(device)
+    return EmulatedLink(cfg.link_gbps, cfg.link_latency_us)
+
+
+def run_strategy(loaded: LoadedModel, strategy, capacity: int, cfg: RunConfig, device, prompts, progress) -> StrategyRun:
+    link = make_link(cfg, device)
+    runtime = OffloadRuntime(loaded, strategy, capacity, link, device)
+    requests, steps = [], []
+    try:
+        for repeat in range(cfg.warmup + cfg.repeats):  # warm-up repeats first, recorded but flagged
+            context = {"strategy": strategy.label, "repeat": repeat, "warmup": repeat < cfg.warmup}
+            result = generate(loaded.model, prompts.to(device), cfg.gen_len, runtime, **context)
+            ttft, decode = result.step_seconds[0], result.step_seconds[1:]
+            tpot = sum(decode) / len(decode) if decode else float("nan")
+            for request in range(prompts.shape[0]):
+                requests.append({**context, "request": request, "prompt_tokens": prompts.shape[1],
+                                 "output_tokens": cfg.gen_len, "ttft_s": ttft, "tpot_s": tpot})
+            for step, seconds in enumerate(result.step_seconds):
+                steps.append({**context, "phase": "prefill" if step == 0 else "decode", "step": step, "seconds": seconds})
+            progress.update(1)
+    finally:
+        runtime.close()
+    return StrategyRun(strategy.label, capacity, requests, steps, runtime.recorder.rows, result.tokens,
+                       {**link.describe(), "achieved_gbps": link.counters.achieved_gbps})
+
+
+def load_model(cfg: RunConfig, device: torch.device) -> LoadedModel:
+    path = str(builtin_checkpoint()) if cfg.model == "builtin" else cfg.model
+    return load_checkpoint(path, device, cfg.dtype)
+
+
+def run(cfg: RunConfig, echo=print) -> tuple[pd.DataFrame, "Path"]:
+    device = cfg.torch_device()
+    strategies = resolve(cfg.strategies)  # unknown names fail before anything is loaded or written
+    labels = [s.label for s in strategies]
+    if len(set(labels)) != len(labels):
+        raise UsageError(f"a strategy is listed twice: {', '.join(labels)}")
+    loaded = load_model(cfg, device)
+    store = loaded.store
+    capacities = []
+    for strategy in strategies:
+        budget = cache_capacity(store.num_experts, loaded.top_k, store.num_layers, store.layout.nbytes,
+                                strategy.cache_rate or cfg.cache_rate,
+                                strategy.gpu_memory if strategy.gpu_memory is not None else cfg.gpu_memory)
+        capacities.append(strategy.capacity(store.num_experts, budget))
+    writer = RunWriter(cfg.out, cfg.overwrite)
+    started = datetime.datetime.now(datetime.timezone.utc)
+    meta = {
+        "status": "running",
+        "started": started.isoformat(),
+        "config": cfg.to_json(),
+        "environment": provenance.capture(device),
+        "model": {
+            "path": str(loaded.path), "family": loaded.config.model_type, "moe_layers": store.num_layers,
+            "experts_per_layer": store.num_experts, "top_k": loaded.top_k, "expert_bytes": store.layout.nbytes,
+            "dtype": str(store.layout.dtype).removeprefix("torch."), "checkpoint_bytes": loaded.report.checkpoint_bytes,
+            "load_seconds": loaded.report.seconds, "load_peak_rss_over_checkpoint": loaded.report.peak_over_checkpoint,
+        },
+        "strategies": {},
+    }
+    prompts = make_prompts(cfg, loaded.config.vocab_size)
+    runs: list[StrategyRun] = []
+    progress = tqdm(total=len(strategies) * (cfg.warmup + cfg.repeats), desc="generations", unit="gen",
+                    disable=None, leave=False)
+    try:
+        for strategy, capacity in zip(strategies, capacities):
+            progress.set_postfix_str(strategy.label)
+            runs.append(run_strategy(loaded, strategy, capacity, cfg, device, prompts, progress))
+            meta["strategies"][strategy.label] = {"cache_slots_per_layer": capacity,
+                                                  "cache_bytes": capacity * store.num_layers * store.layout.nbytes,
+                                                  "link": runs[-1].link}
+            summary = _write_tables(writer, runs, cfg)
+            writer.metadata(meta)
+        meta["status"] = "complete"
+    except BaseException as error:  # Ctrl-C included: keep what finished, say it is incomplete
+        meta["status"] = "incomplete"
+        meta["reason"] = f"{type(error).__name__}: {error}"
+        raise
+    finally:
+        progress.close()
+        meta["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat()
+        writer.metadata(meta)
+        out = writer.publish()
+    return summary, out
+
+
+def _write_tables(writer: RunWriter, runs: list[StrategyRun], cfg: RunConfig) -> pd.DataFrame:
+    requests = pd.DataFrame([row for run in runs for row in run.requests])
+    steps = pd.DataFrame([row for run in runs for row in run.steps])
+    layers = pd.DataFrame([row for run in runs for row in run.layers])
+    reference = next((run.tokens for run in runs if run.label == "full_gpu"), runs[0].tokens)
+    matches = {run.label: bool(torch.equal(run.tokens, reference)) for run in runs}
+    summary = summarize(requests, steps, layers, cfg, matches)
+    for name, frame in (("requests", requests), ("steps", steps), ("layers", layers), ("summary", summary)):
+        writer.table(name, frame)
+    return summary

@@ -1,0 +1,88 @@
+"""The device expert cache: which expert of which layer sits in which slot, and how far it is copied.
+
+Pure bookkeeping, called with the copy engine's lock held. Each layer owns a fixed set of slots
+(per-layer replacement, as in ProMoE). The eviction policy ranks candidates; this class alone decides
+who may be a candidate:
+- never an expert being copied, computed with, or awaited by compute;
+- an expert routed in the layer's current forward and not yet computed ("pending") only as a last
+  resort, when compute is blocked on a copy that has no other slot; then the pending expert that runs
+  last gives way, so the outcome does not depend on thread timing.
+"""
+
+from dataclasses import dataclass, field
+
+from .policies import EvictionPolicy
+
+NUM_CHUNKS = 3  # gate, up, down
+
+
+@dataclass
+class Entry:
+    slot: int  # index into the device slot pool
+    chunks_ready: int = 0
+    copying: bool = True  # a copy task owns the slot until every chunk has landed
+    events: list = field(default_factory=list)  # per chunk, what compute waits on (CUDA events; None on CPU)
+
+    @property
+    def ready(self) -> bool:
+        return self.chunks_ready == NUM_CHUNKS
+
+
+class ExpertCache:
+    def __init__(self, num_layers: int, capacity: int, policy: EvictionPolicy):
+        self.capacity = capacity  # slots per layer
+        self.policy = policy
+        self._entries: list[dict[int, Entry]] = [{} for _ in range(num_layers)]
+        self._free = [list(range(layer * capacity, (layer + 1) * capacity))[::-1] for layer in range(num_layers)]
+        self._pending: list[list[int]] = [[] for _ in range(num_layers)]  # execution order of the current forward
+        self.in_use: set[tuple[int, int]] = set()  # (layer, expert) computed with or awaited right now
+        self.evictions = [0] * num_layers
+
+    def lookup(self, layer: int, expert: int) -> Entry | None:
+        return self._entries[layer].get(expert)
+
+    def residents(self, layer: int) -> list[int]:
+        return list(self._entries[layer])
+
+    def begin_forward(self, layer: int, order: list[int]) -> None:
+        self._pending[layer] = list(order)
+
+    def computed(self, layer: int, expert: int) -> None:
+        """`expert` finished its work in the current forward of `layer`."""
+        self._pending[layer].remove(expert)
+        self.policy.touch(layer, expert)
+
+    def claim(self, layer: int, expert: int, last_resort: bool) -> Entry | None:
+        """A slot for `expert`, evicting if needed; None when no slot may be taken now."""
+        assert expert not in self._entries[layer], f"expert {expert} of layer {layer} is already cached"
+        if not self._free[layer]:
+            victim = self._victim(layer, last_resort)
+            if victim is None:
+                return None
+            self.remove(layer, victim)
+            self.evictions[layer] += 1
+        entry = Entry(self._free[layer].pop())
+        self._entries[layer][expert] = entry
+        return entry
+
+    def remove(self, layer: int, expert: int) -> Entry:
+        entry = self._entries[layer].pop(expert)
+        self._free[layer].append(entry.slot)
+        self.policy.forget(layer, expert)
+        return entry
+
+    def _victim(self, layer: int, last_resort: bool) -> int | None:
+        movable = {
+            expert
+            for expert, entry in self._entries[layer].items()
+            if not entry.copying and (layer, expert) not in self.in_use
+        }
+        pending = set(self._pending[layer])
+        candidates = movable - pending
+        if candidates:
+            return self.policy.victim(layer, candidates)
+        if last_resort:
+            for expert in reversed(self._pending[layer]):
+                if expert in movable:
+                    return expert
+        return None

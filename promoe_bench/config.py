@@ -1,0 +1,85 @@
+"""The run configuration: command-line values parsed once, validated, frozen, and passed down.
+
+Every default lives here. The emulated link's defaults are derived in README.md ("The emulated link").
+"""
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import UsageError
+
+# Emulated host-to-device link for --device cpu. Derived so that, for the built-in model on a 2-core
+# CPU, one expert's copy takes about 2.06x one layer's decode compute, as in the paper's setup
+# (17.3 MB at 23.9 GB/s = 0.72 ms per expert, against 9.8 ms / 28 layers = 0.35 ms per layer).
+DEFAULT_LINK_GBPS = 0.25
+DEFAULT_LINK_LATENCY_US = 20.0
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: str = "builtin"
+    strategies: str = "all"
+    cache_rate: float = 0.5
+    gpu_memory: int | None = None  # bytes for the expert cache; overrides cache_rate when given
+    device: str = "auto"
+    dtype: str = "auto"
+    link_gbps: float = DEFAULT_LINK_GBPS
+    link_latency_us: float = DEFAULT_LINK_LATENCY_US
+    prompt_len: int = 64
+    gen_len: int = 32
+    batch_size: int = 1
+    repeats: int = 3
+    warmup: int = 1
+    seed: int = 0
+    baseline: str = "lru"
+    out: Path = Path("runs/latest")
+    overwrite: bool = False
+
+    def __post_init__(self):
+        if not 0 < self.cache_rate <= 1:
+            raise UsageError(f"--cache-rate must be in (0, 1], got {self.cache_rate}")
+        if self.gpu_memory is not None and self.gpu_memory <= 0:
+            raise UsageError(f"--gpu-memory must be a positive number of bytes, got {self.gpu_memory}")
+        for flag, value, low in (
+            ("--prompt-len", self.prompt_len, 1),
+            ("--gen-len", self.gen_len, 1),
+            ("--batch-size", self.batch_size, 1),
+            ("--repeats", self.repeats, 1),
+            ("--warmup", self.warmup, 0),
+        ):
+            if value < low:
+                raise UsageError(f"{flag} must be at least {low}, got {value}")
+        if self.link_gbps <= 0 or self.link_latency_us < 0:
+            raise UsageError("--link-gbps must be positive and --link-latency-us not negative")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise UsageError(f"--device must be auto, cpu or cuda[:N], got {self.device!r}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise UsageError(f"--dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise UsageError(f"--device {self.device} asked for a GPU, but torch sees no CUDA device here")
+        return torch.device(self.device)
+
+    def to_json(self) -> dict:
+        return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
+
+
+def cache_capacity(num_experts: int, top_k: int, num_layers: int, expert_bytes: int,
+                   cache_rate: float, gpu_memory: int | None) -> int:
+    """Cache slots per layer: the byte budget split evenly over layers, or a fraction of each layer's
+    experts; rounded down, so the cache never holds more than asked."""
+    if gpu_memory is not None:
+        per_layer = gpu_memory // expert_bytes // num_layers
+        asked = f"--gpu-memory {gpu_memory} B ({per_layer} experts of {expert_bytes} B per layer)"
+    else:
+        per_layer = math.floor(cache_rate * num_experts + 1e-9)
+        asked = f"cache rate {cache_rate} of {num_experts} experts ({per_layer} per layer)"
+    if per_layer < top_k:
+        raise UsageError(f"cache too small: {asked} cannot hold one layer's top-{top_k} experts")
+    return min(per_layer, num_experts)

@@ -1,0 +1,80 @@
+"""How bytes cross from host to device: a CUDA copy stream, or an emulated link on the CPU.
+
+A link moves one chunk and returns once it has landed, with what compute must wait on (a CUDA event,
+or None). It knows nothing of priorities or caches; the copy engine decides what to move and when.
+"""
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class LinkCounters:
+    bytes: int = 0
+    copies: int = 0
+    busy_s: float = 0.0
+
+    @property
+    def achieved_gbps(self) -> float | None:
+        return self.bytes / self.busy_s / 1e9 if self.busy_s else None
+
+
+class EmulatedLink:
+    """A host-to-device link on a CPU-only machine: a real copy into the slot buffer, paced so each
+    copy takes latency + bytes / bandwidth, like a PCIe transfer would."""
+
+    emulated = True
+
+    def __init__(self, gbps: float, latency_us: float):
+        self.gbps = gbps
+        self.latency_s = latency_us * 1e-6
+        self.counters = LinkCounters()
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, after=None) -> None:
+        start = time.perf_counter()
+        dst.copy_(src)
+        nbytes = src.numel() * src.element_size()
+        deadline = start + self.latency_s + nbytes / (self.gbps * 1e9)
+        # sleep() overshoots by tens of microseconds: sleep most of the wait, then yield until the deadline
+        remaining = deadline - time.perf_counter()
+        if remaining > 2e-4:
+            time.sleep(remaining - 1e-4)
+        while time.perf_counter() < deadline:
+            time.sleep(0)
+        self.counters.bytes += nbytes
+        self.counters.copies += 1
+        self.counters.busy_s += time.perf_counter() - start
+
+    def describe(self) -> dict:
+        return {"kind": "emulated", "gbps": self.gbps, "latency_us": self.latency_s * 1e6}
+
+
+class CudaLink:
+    """Asynchronous copies from pinned host memory on a dedicated copy stream, an event per chunk."""
+
+    emulated = False
+
+    def __init__(self, device: torch.device):
+        self.stream = torch.cuda.Stream(device)
+        self.counters = LinkCounters()
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, after=None) -> "torch.cuda.Event":
+        start = time.perf_counter()
+        with torch.cuda.stream(self.stream):
+            if after is not None:  # the slot's previous expert may still be in use by queued compute
+                self.stream.wait_event(after)
+            dst.copy_(src, non_blocking=True)
+            landed = torch.cuda.Event()
+            landed.record(self.stream)
+        # The worker waits for each chunk so a HIGH task can overtake at the next chunk boundary;
+        # this blocks the copy thread only, never compute.
+        landed.synchronize()
+        self.counters.bytes += src.numel() * src.element_size()
+        self.counters.copies += 1
+        self.counters.busy_s += time.perf_counter() - start
+        return landed
+
+    def describe(self) -> dict:
+        return {"kind": "cuda", "stream": "dedicated copy stream"}

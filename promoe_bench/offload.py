@@ -1,0 +1,155 @@
+"""The offload runtime: runs a loaded model with its experts served from a device cache under a strategy.
+
+Two attachment points into transformers, both public: a forward pre-hook on each MoE block (the
+layer's input is ready: the moment to predict and prefetch) and an experts implementation registered
+with transformers' ExpertsInterface (the router has chosen: request, order, wait, compute).
+"""
+
+import torch
+import torch.nn.functional as F
+from transformers.integrations.moe import ExpertsInterface
+
+from .cache import ExpertCache
+from .checkpoint import LoadedModel
+from .copy_engine import CopyEngine, Priority
+from .environment import ModelShape
+from .metrics import Clock, StepRecorder
+from .slot_pool import SlotPool
+
+IMPLEMENTATION = "promoe_offload"
+
+
+def offloaded_experts_forward(self, hidden_states, top_k_index, top_k_weights):
+    """Registered with transformers: every experts module of the model calls this."""
+    runtime, layer = self._promoe_offload
+    return runtime.forward_experts(layer, self, hidden_states, top_k_index, top_k_weights)
+
+
+ExpertsInterface.register(IMPLEMENTATION, offloaded_experts_forward)
+
+
+class OffloadRuntime:
+    """Implements the strategies' Environment on a real model; one instance per strategy run."""
+
+    def __init__(self, loaded: LoadedModel, strategy, capacity: int, link, device: torch.device):
+        self.loaded = loaded
+        self.strategy = strategy
+        store = loaded.store
+        self.shape = ModelShape(store.num_layers, store.num_experts, loaded.top_k, store.layout.nbytes, capacity)
+        self.cache = ExpertCache(store.num_layers, capacity, strategy.eviction_policy(self.shape))
+        self.pool = SlotPool(store.num_layers * capacity, store.layout, device)
+        self.engine = CopyEngine(store, self.pool, self.cache, link)
+        self.link = link
+        self.recorder = StepRecorder(Clock(device), store.num_layers)
+        self._hooks = []
+        for layer in loaded.layers:
+            layer.experts._promoe_offload = (self, layer.index)
+            self._hooks.append(layer.block.register_forward_pre_hook(self._block_pre_hook(layer.index)))
+            self._hooks.append(layer.block.register_forward_hook(self._block_hook(layer.index)))
+        loaded.model.set_experts_implementation(IMPLEMENTATION)
+        strategy.setup(self)
+        self.engine.idle()
+        self._counted = self._counters()
+
+    # -- Environment -----------------------------------------------------------------------------
+
+    def is_resident(self, layer: int, expert: int) -> bool:
+        return self.chunks_ready(layer, expert) == 3
+
+    def chunks_ready(self, layer: int, expert: int) -> int:
+        entry = self.cache.lookup(layer, expert)
+        return entry.chunks_ready if entry is not None else 0
+
+    def request(self, layer: int, expert: int, priority: Priority, chunked: bool = True) -> None:
+        self.engine.request(layer, expert, priority, chunked)
+
+    def drop_pending(self, layer: int) -> int:
+        return self.engine.drop_low(layer)
+
+    def evict(self, layer: int, expert: int) -> None:
+        self.engine.evict(layer, expert)
+
+    # -- hooks ---------------------------------------------------------------------------------
+
+    def _block_pre_hook(self, layer: int):
+        def hook(module, args):
+            self.recorder.block_start(layer)
+            self.strategy.on_layer_input(self, layer, args[0])
+
+        return hook
+
+    def _block_hook(self, layer: int):
+        def hook(module, args, output):
+            self.recorder.block_end(layer)
+
+        return hook
+
+    def forward_experts(self, layer, module, hidden_states, top_k_index, top_k_weights):
+        # hidden_states [T, H], top_k_index / top_k_weights [T, K]
+        # tolist() is a device->host sync: the host must know the routed experts to copy them.
+        routed = list(dict.fromkeys(top_k_index.flatten().tolist()))
+        hits = sum(self.is_resident(layer, e) for e in routed)
+        self.recorder.router_end(layer, hits, len(routed) - hits)
+        order = self.strategy.on_router(self, layer, routed)
+        assert sorted(order) == sorted(routed), f"{self.strategy.name} must run each routed expert once"
+        self.engine.begin_forward(layer, order)
+        output = torch.zeros_like(hidden_states)
+        for expert in order:
+            token_idx, k_pos = torch.where(top_k_index == expert)  # [n], [n]
+            slot = self._wait(layer, expert, 2).slot  # gate and up landed; down may still be copying
+            gate_up = self._gate_up(slot, module, hidden_states[token_idx])  # [n, 2I]
+            self._wait(layer, expert, 3)
+            down, down_bias = self.pool.views(slot)[2]
+            hidden = module._apply_gate(gate_up)  # [n, I]
+            out = hidden @ down if module.is_transposed else F.linear(hidden, down)  # [n, H]
+            if down_bias is not None:
+                out = out + down_bias
+            output.index_add_(0, token_idx, (out * top_k_weights[token_idx, k_pos, None]).to(output.dtype))
+            self.pool.mark_released(slot)
+            self.engine.release(layer, expert)
+        self.strategy.after_layer(self, layer, order)
+        self.recorder.experts_end(layer)
+        return output
+
+    def _gate_up(self, slot, module, x):
+        """Gate and up projections of `x` [n, H] laid out as the family's `_apply_gate` expects."""
+        fused = self.pool.fused_gate_up(slot)
+        if fused is not None and module.is_concatenated:
+            return F.linear(x, fused)
+        (gate, gate_bias), (up, up_bias) = self.pool.views(slot)[:2]
+        projections = []
+        for weight, bias in ((gate, gate_bias), (up, up_bias)):
+            y = x @ weight if module.is_transposed else F.linear(x, weight)
+            projections.append(y + bias if bias is not None else y)
+        if module.is_concatenated:
+            return torch.cat(projections, dim=-1)
+        return torch.stack(projections, dim=-1).flatten(-2)  # interleaved: g0 u0 g1 u1 ...
+
+    def _wait(self, layer, expert, chunks):
+        start = self.recorder.clock.stamp()
+        entry, stalled = self.engine.wait(layer, expert, chunks)
+        if entry.events[chunks - 1] is not None:  # CUDA: compute queues behind the chunk's copy event
+            torch.cuda.current_stream().wait_event(entry.events[chunks - 1])
+        if stalled:
+            self.recorder.stall(layer, start, self.recorder.clock.stamp())
+        return entry
+
+    # -- steps -----------------------------------------------------------------------------------
+
+    def _counters(self):
+        counters = self.engine.counters
+        return list(counters.copies), list(counters.bytes), list(self.cache.evictions)
+
+    def finish_step(self) -> float:
+        """Close the step's records; copy counters are attributed to the step in which they landed."""
+        now = self._counters()
+        deltas = [[b - a for a, b in zip(before, after)] for before, after in zip(self._counted, now)]
+        self._counted = now
+        return self.recorder.finish_step(*deltas)
+
+    def close(self) -> None:
+        self.engine.close()
+        for hook in self._hooks:
+            hook.remove()
+        for layer in self.loaded.layers:
+            del layer.experts._promoe_offload

@@ -1,0 +1,76 @@
+"""The run folder: run.json plus CSV tables, written so that nothing is ever half-written.
+
+A run is assembled in a hidden sibling folder; each file lands there by atomic rename, and the folder
+replaces `out` by rename when the run ends. An interrupted or failed run still lands, with run.json
+saying `"status": "incomplete"` and why, and holding the strategies that finished.
+
+Files: run.json (schema_version, status, config, environment, model, strategies), requests.csv,
+steps.csv, layers.csv, summary.csv.
+"""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pandas as pd
+
+from .errors import UsageError
+
+SCHEMA_VERSION = 1
+TABLES = ("requests", "steps", "layers", "summary")
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class RunWriter:
+    def __init__(self, out: Path, overwrite: bool):
+        out = Path(out)
+        if out.exists() and not out.is_dir():
+            raise UsageError(f"--out {out} is a file, not a folder")
+        if out.is_dir() and any(out.iterdir()) and not overwrite:
+            raise UsageError(f"--out {out} already holds files (a previous run?); pass --overwrite or pick another folder")
+        self.out = out
+        self.staging = out.parent / f".{out.name}.partial-{os.getpid()}"
+        shutil.rmtree(self.staging, ignore_errors=True)
+        self.staging.mkdir(parents=True)
+
+    def table(self, name: str, frame: pd.DataFrame) -> None:
+        assert name in TABLES, name
+        _atomic_write(self.staging / f"{name}.csv", frame.to_csv(index=False))
+
+    def metadata(self, run: dict) -> None:
+        _atomic_write(self.staging / "run.json", json.dumps({"schema_version": SCHEMA_VERSION, **run}, indent=2))
+
+    def publish(self) -> Path:
+        """Move the staged run into place, replacing what --overwrite allowed to be replaced."""
+        old = self.out.parent / f".{self.out.name}.old-{os.getpid()}"
+        if self.out.exists():
+            os.replace(self.out, old)
+        os.replace(self.staging, self.out)
+        shutil.rmtree(old, ignore_errors=True)
+        return self.out
+
+
+def load_run(folder: Path) -> tuple[dict, dict[str, pd.DataFrame]]:
+    """run.json and the tables of a run folder, with a clear error for anything that is not one."""
+    folder = Path(folder)
+    meta_path = folder / "run.json"
+    if not meta_path.is_file():
+        raise UsageError(f"{folder} is not a promoe-bench run folder (no run.json)")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as error:
+        raise UsageError(f"{meta_path} is not valid JSON: {error}")
+    if meta.get("schema_version") != SCHEMA_VERSION:
+        raise UsageError(f"{folder} has schema version {meta.get('schema_version')}; this promoe-bench reads {SCHEMA_VERSION}")
+    tables = {}
+    for name in TABLES:
+        path = folder / f"{name}.csv"
+        if path.is_file():
+            tables[name] = pd.read_csv(path)
+    return meta, tables

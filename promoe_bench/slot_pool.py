@@ -1,0 +1,46 @@
+"""Preallocated device memory for cached experts: a fixed number of expert-sized slots.
+
+Allocated once when a strategy starts; a miss reuses a slot, never allocates.
+"""
+
+import torch
+
+from .expert_store import ExpertLayout
+
+
+class SlotPool:
+    def __init__(self, num_slots: int, layout: ExpertLayout, device: torch.device):
+        self.layout = layout
+        self.device = device
+        self.buffer = torch.empty(num_slots, layout.numel, dtype=layout.dtype, device=device)
+        self._views = [layout.chunk_views(self.buffer[slot]) for slot in range(num_slots)]
+        # On CUDA, the event after the last compute that read a slot: a copy into it must wait for it.
+        self._released = [None] * num_slots
+
+    @property
+    def nbytes(self) -> int:
+        return self.buffer.numel() * self.buffer.element_size()
+
+    def chunk(self, slot: int, chunk: int) -> torch.Tensor:
+        start, end = self.layout.chunk_bounds(chunk)
+        return self.buffer[slot, start:end]
+
+    def views(self, slot: int) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """(weight, bias) of gate, up, down."""
+        return self._views[slot]
+
+    def fused_gate_up(self, slot: int) -> torch.Tensor | None:
+        """Gate and up as one [2I, H] matrix when they lie back to back (no bias, not transposed), so
+        one matmul computes both exactly as transformers' experts do."""
+        if self.layout.has_bias or self.layout.transposed:
+            return None
+        return self.buffer[slot, : 2 * self.layout.intermediate * self.layout.hidden].view(-1, self.layout.hidden)
+
+    def mark_released(self, slot: int) -> None:
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+            self._released[slot] = event
+
+    def released_event(self, slot: int):
+        return self._released[slot]

@@ -1,0 +1,48 @@
+"""The contract every offload strategy keeps. A strategy is policy only: it talks to an Environment
+(promoe_bench.environment) and never touches CUDA, threads or clocks, so the runtime and the simulator
+run it unchanged."""
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+from promoe_bench.environment import Environment, ModelShape
+from promoe_bench.policies import LRU, EvictionPolicy
+
+
+@dataclass
+class Strategy(ABC):
+    """Subclasses are dataclasses: their fields are the parameters a user sets as `name[field=value]`."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]  # one line for `promoe-bench strategies`
+
+    cache_rate: float | None = None  # overrides the run's --cache-rate for this strategy
+    gpu_memory: int | None = None  # overrides the run's --gpu-memory (bytes) for this strategy
+
+    def capacity(self, num_experts: int, budgeted: int) -> int:
+        """Cache slots per layer, given how many the memory budget allows."""
+        return budgeted
+
+    def eviction_policy(self, shape: ModelShape) -> EvictionPolicy:
+        return LRU(shape.num_layers)
+
+    def setup(self, env: Environment) -> None:
+        """Before the first token: warm the cache if the strategy wants to."""
+
+    def on_layer_input(self, env: Environment, layer: int, hidden) -> None:
+        """The input of `layer` is known: the moment to predict and prefetch later layers."""
+
+    @abstractmethod
+    def on_router(self, env: Environment, layer: int, experts: list[int]) -> list[int]:
+        """`layer`'s router chose `experts` (in routing order): request what is missing and return
+        the order in which to run them (each exactly once)."""
+
+    def after_layer(self, env: Environment, layer: int, experts: list[int]) -> None:
+        """`layer` is done with `experts`."""
+
+    @property
+    def label(self) -> str:
+        """The strategy as given on the command line, parameters included."""
+        params = [f"{k}={v}" for k, v in vars(self).items() if v is not None]
+        return f"{self.name}[{','.join(params)}]" if params else self.name
