@@ -7,10 +7,13 @@ are released. So the host never holds two copies of the experts: peak memory is 
 plus one layer (measured in LoadReport).
 """
 
+import contextlib
+import inspect
 import json
 import os
 import re
 import resource
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,10 +163,42 @@ def _fill_layer(buffer: torch.Tensor, layout: ExpertLayout, layer: MoELayer, key
         raise UsageError(f"checkpoint lacks expert tensors for {layer.name} (incomplete or unsupported layout)")
 
 
+@contextlib.contextmanager
+def _experts_left_uninitialized(config):
+    """transformers random-initialises weights missing from the checkpoint, and the skipped experts are
+    missing: that would write (and make resident) a full copy of the experts. Its initialiser skips
+    modules marked `_is_hf_initialized`, so mark the family's experts classes while loading."""
+    model_class = AutoModelForCausalLM._model_mapping[type(config)]
+    classes = [cls for _, cls in inspect.getmembers(sys.modules[model_class.__module__], inspect.isclass)
+               if hasattr(cls, "_apply_gate") and "_is_hf_initialized" not in vars(cls)]
+    for cls in classes:
+        cls._is_hf_initialized = True
+    try:
+        yield
+    finally:
+        for cls in classes:
+            del cls._is_hf_initialized
+
+
 def _release_expert_params(experts: nn.Module) -> None:
     """Swap the placeholders transformers allocated for the experts for empty tensors."""
     for name, param in list(experts.named_parameters(recurse=False)):
         setattr(experts, name, nn.Parameter(param.new_empty(0, device="cpu"), requires_grad=False))
+
+
+def _reset_peak_rss() -> None:
+    """Restart the kernel's resident-memory high-water mark (Linux 4.0+), so the peak is the load's."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def _peak_rss() -> int:
+    """VmHWM where /proc has it: unlike ru_maxrss, it is not inherited from the parent process."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 def load_checkpoint(model: str, device: torch.device, dtype: str = "auto") -> LoadedModel:
@@ -177,13 +212,15 @@ def load_checkpoint(model: str, device: torch.device, dtype: str = "auto") -> Lo
     files = _safetensors_files(path)
     checkpoint_bytes = sum(os.path.getsize(f) for f in files)
 
+    _reset_peak_rss()
     rss_before = psutil.Process().memory_info().rss
     start = time.perf_counter()
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the load report lists the skipped experts as unexpected: expected
     hf_logging.disable_progress_bar()
     try:
-        hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, key_mapping=_SKIP_EXPERTS)
+        with _experts_left_uninitialized(config):
+            hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, key_mapping=_SKIP_EXPERTS)
     finally:
         hf_logging.set_verbosity(verbosity)
     layers = find_moe_layers(hf_model)
@@ -197,8 +234,7 @@ def load_checkpoint(model: str, device: torch.device, dtype: str = "auto") -> Lo
             raise UsageError(f"checkpoint {path} has no expert tensors for {layer.name}")
         _release_expert_params(layer.experts)
         _fill_layer(store.allocate_layer(layer.index), layout, layer, keys[layer.decoder_layer])
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-    report = LoadReport(checkpoint_bytes, rss_before, peak, time.perf_counter() - start)
+    report = LoadReport(checkpoint_bytes, rss_before, _peak_rss(), time.perf_counter() - start)
 
     hf_model.to(device).eval().requires_grad_(False)
     return LoadedModel(hf_model, config, layers, store, int(config.num_experts_per_tok), path, report)

@@ -41,8 +41,8 @@ class _LayerStamps:
     experts_end: object = None
     block_end: object = None
     stalls: list = None  # (start, end) pairs around waits for copies
+    routed: tuple = ()  # distinct experts in routing order
     hits: int = 0
-    misses: int = 0
 
 
 class StepRecorder:
@@ -64,10 +64,10 @@ class StepRecorder:
     def block_start(self, layer: int) -> None:
         self._layers[layer].block_start = self.clock.stamp()
 
-    def router_end(self, layer: int, hits: int, misses: int) -> None:
+    def router_end(self, layer: int, routed: list[int], hits: int) -> None:
         stamps = self._layers[layer]
         stamps.router_end = self.clock.stamp()
-        stamps.hits, stamps.misses = hits, misses
+        stamps.routed, stamps.hits = tuple(routed), hits
 
     def stall(self, layer: int, start, end) -> None:
         self._layers[layer].stalls.append((start, end))
@@ -94,8 +94,9 @@ class StepRecorder:
                     "router_s": seconds(stamps.block_start, stamps.router_end),
                     "expert_s": seconds(stamps.router_end, stamps.experts_end) - stall,
                     "stall_s": stall,
+                    "routed": " ".join(map(str, stamps.routed)),
                     "hits": stamps.hits,
-                    "misses": stamps.misses,
+                    "misses": len(stamps.routed) - stamps.hits,
                     "copies": copies[layer],
                     "bytes": nbytes[layer],
                     "evictions": evictions[layer],

@@ -89,7 +89,7 @@ class OffloadRuntime:
         # tolist() is a device->host sync: the host must know the routed experts to copy them.
         routed = list(dict.fromkeys(top_k_index.flatten().tolist()))
         hits = sum(self.is_resident(layer, e) for e in routed)
-        self.recorder.router_end(layer, hits, len(routed) - hits)
+        self.recorder.router_end(layer, routed, hits)
         order = self.strategy.on_router(self, layer, routed)
         assert sorted(order) == sorted(routed), f"{self.strategy.name} must run each routed expert once"
         self.engine.begin_forward(layer, order)

@@ -1,0 +1,25 @@
+"""Run a loaded model under one strategy, the way `promoe-bench run` does, for tests."""
+
+import torch
+
+from promoe_bench.config import cache_capacity
+from promoe_bench.generation import generate
+from promoe_bench.links import EmulatedLink
+from promoe_bench.offload import OffloadRuntime
+from promoe_bench.strategies import parse
+
+FAST_LINK = dict(gbps=50.0, latency_us=0.0)  # correctness tests need no realistic pacing
+
+
+def run_generation(loaded, spec: str, input_ids, gen_len: int, cache_rate: float = 0.5, link=None):
+    strategy = parse(spec)
+    store = loaded.store
+    budget = cache_capacity(store.num_experts, loaded.top_k, store.num_layers, store.layout.nbytes,
+                            strategy.cache_rate or cache_rate, None)
+    runtime = OffloadRuntime(loaded, strategy, strategy.capacity(store.num_experts, budget),
+                             link or EmulatedLink(**FAST_LINK), torch.device("cpu"))
+    try:
+        result = generate(loaded.model, input_ids, gen_len, runtime, keep_logits=True, strategy=spec)
+    finally:
+        runtime.close()
+    return result, runtime

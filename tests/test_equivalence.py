@@ -1,0 +1,39 @@
+"""Offloading never changes the model's output: every strategy, every family, against transformers."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from promoe_bench.checkpoint import load_checkpoint
+
+from .checkpoints import FAMILIES
+from .runtime_helpers import run_generation
+
+STRATEGIES = ["full_gpu", "on_demand", "lru", "lru[cache_rate=0.25]"]
+GEN_LEN = 6
+
+
+@pytest.fixture(scope="module")
+def references(checkpoints):
+    """family -> (prompt ids, tokens, logits) from transformers' own generate() with its eager experts."""
+    out = {}
+    for family, folder in checkpoints.items():
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, experts_implementation="eager")
+        ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
+        generated = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                   max_new_tokens=GEN_LEN, output_logits=True, return_dict_in_generate=True)
+        out[family] = (ids, generated.sequences[:, ids.shape[1]:], torch.stack(generated.logits, dim=1))
+    return out
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_every_strategy_reproduces_transformers_generate(family, checkpoints, references):
+    loaded = load_checkpoint(str(checkpoints[family]), torch.device("cpu"))
+    ids, want_tokens, want_logits = references[family]
+    for spec in STRATEGIES:
+        result, runtime = run_generation(loaded, spec, ids, GEN_LEN)
+        assert torch.equal(result.tokens, want_tokens), f"{family}/{spec}: greedy tokens differ"
+        torch.testing.assert_close(result.logits, want_logits, rtol=1e-4, atol=1e-5, msg=f"{family}/{spec}")
+        misses = sum(row["misses"] for row in runtime.recorder.rows)
+        if spec.startswith("lru[cache_rate=0.25]"):
+            assert misses > 0, "a quarter cache must miss, or this test does not exercise offloading"
