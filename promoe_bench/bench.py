@@ -2,6 +2,7 @@
 
 import datetime
 from dataclasses import dataclass
+from pathlib import Path
 
 import pandas as pd
 import torch
@@ -16,7 +17,7 @@ from .generation import generate
 from .links import CudaLink, EmulatedLink
 from .offload import OffloadRuntime
 from .results import RunWriter
-from .strategies import resolve
+from .strategies import available, resolve
 from .summary import summarize
 
 
@@ -43,7 +44,8 @@ def make_link(cfg: RunConfig, device: torch.device):
     return EmulatedLink(cfg.link_gbps, cfg.link_latency_us)
 
 
-def run_strategy(loaded: LoadedModel, strategy, capacity: int, cfg: RunConfig, device, prompts, progress) -> StrategyRun:
+def run_strategy(loaded: LoadedModel, strategy, capacity: int, cfg: RunConfig, device, prompts,
+                 progress) -> StrategyRun:
     link = make_link(cfg, device)
     runtime = OffloadRuntime(loaded, strategy, capacity, link, device)
     requests, steps = [], []
@@ -55,9 +57,11 @@ def run_strategy(loaded: LoadedModel, strategy, capacity: int, cfg: RunConfig, d
             tpot = sum(decode) / len(decode) if decode else float("nan")
             for request in range(prompts.shape[0]):
                 requests.append({**context, "request": request, "prompt_tokens": prompts.shape[1],
-                                 "output_tokens": cfg.gen_len, "ttft_s": ttft, "tpot_s": tpot})
+                                 "output_tokens": cfg.gen_len, "ttft_s": ttft, "tpot_s": tpot,
+                                 "prefill_tok_s": prompts.shape[1] / ttft, "decode_tok_s": 1 / tpot})
             for step, seconds in enumerate(result.step_seconds):
-                steps.append({**context, "phase": "prefill" if step == 0 else "decode", "step": step, "seconds": seconds})
+                phase = "prefill" if step == 0 else "decode"
+                steps.append({**context, "phase": phase, "step": step, "seconds": seconds})
             progress.update(1)
     finally:
         runtime.close()
@@ -70,18 +74,20 @@ def load_model(cfg: RunConfig, device: torch.device) -> LoadedModel:
     return load_checkpoint(path, device, cfg.dtype)
 
 
-def run(cfg: RunConfig, echo=print) -> tuple[pd.DataFrame, "Path"]:
+def run(cfg: RunConfig) -> tuple[pd.DataFrame, Path]:
     device = cfg.torch_device()
     strategies = resolve(cfg.strategies)  # unknown names fail before anything is loaded or written
     labels = [s.label for s in strategies]
     if len(set(labels)) != len(labels):
         raise UsageError(f"a strategy is listed twice: {', '.join(labels)}")
+    if cfg.baseline not in labels and cfg.baseline not in available():
+        raise UsageError(f"--baseline {cfg.baseline!r} is not a strategy; run `promoe-bench strategies`")
     loaded = load_model(cfg, device)
     store = loaded.store
     capacities = []
     for strategy in strategies:
         budget = cache_capacity(store.num_experts, loaded.top_k, store.num_layers, store.layout.nbytes,
-                                strategy.cache_rate or cfg.cache_rate,
+                                cfg.cache_rate if strategy.cache_rate is None else strategy.cache_rate,
                                 strategy.gpu_memory if strategy.gpu_memory is not None else cfg.gpu_memory)
         capacities.append(strategy.capacity(store.num_experts, budget))
     writer = RunWriter(cfg.out, cfg.overwrite)
@@ -104,7 +110,7 @@ def run(cfg: RunConfig, echo=print) -> tuple[pd.DataFrame, "Path"]:
     progress = tqdm(total=len(strategies) * (cfg.warmup + cfg.repeats), desc="generations", unit="gen",
                     disable=None, leave=False)
     try:
-        for strategy, capacity in zip(strategies, capacities):
+        for strategy, capacity in zip(strategies, capacities, strict=True):
             progress.set_postfix_str(strategy.label)
             runs.append(run_strategy(loaded, strategy, capacity, cfg, device, prompts, progress))
             meta["strategies"][strategy.label] = {"cache_slots_per_layer": capacity,

@@ -63,6 +63,7 @@ class ExpertCache:
             self.evictions[layer] += 1
         entry = Entry(self._free[layer].pop())
         self._entries[layer][expert] = entry
+        self.policy.touch(layer, expert)  # arriving is a use: never-used newcomers are not the oldest
         return entry
 
     def remove(self, layer: int, expert: int) -> Entry:

@@ -68,6 +68,8 @@ class LoadedModel:
 def resolve_checkpoint(model: str) -> Path:
     """A local folder as is; otherwise a hub id, downloaded where the network allows."""
     path = Path(model).expanduser()
+    if path.is_file():
+        raise UsageError(f"model path {path} is a file; give the checkpoint's folder")
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise UsageError(f"{path} has no config.json: not a Hugging Face checkpoint folder")
@@ -79,7 +81,7 @@ def resolve_checkpoint(model: str) -> Path:
     try:
         return Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
     except Exception as error:  # the hub client raises many types; all mean "could not fetch"
-        raise UsageError(f"model {model} is not a local folder and could not be fetched from the hub: {error}")
+        raise UsageError(f"model {model} is neither a local folder nor fetchable from the hub: {error}") from None
 
 
 def _safetensors_files(path: Path) -> list[Path]:
@@ -101,7 +103,8 @@ def _expert_keys(files: list[Path]) -> dict[int, list[tuple[Path, str, re.Match]
                 rest = match.group("rest")
                 parsed = _PER_EXPERT.fullmatch(rest) or _FUSED.fullmatch(rest)
                 if parsed is None:
-                    raise UsageError(f"unsupported expert tensor {key} in {file.name} (quantized experts are not supported)")
+                    raise UsageError(
+                        f"unsupported expert tensor {key} in {file.name} (quantized experts are not supported)")
                 by_layer.setdefault(int(match.group("layer")), []).append((file, key, parsed))
     return by_layer
 
@@ -204,10 +207,16 @@ def _peak_rss() -> int:
 def load_checkpoint(model: str, device: torch.device, dtype: str = "auto") -> LoadedModel:
     path = resolve_checkpoint(model)
     try:
+        raw_config = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise UsageError(f"cannot read {path / 'config.json'}: {error}") from None
+    if not isinstance(raw_config, dict):
+        raise UsageError(f"{path / 'config.json'} is not a JSON object")
+    check_family(raw_config, str(path))
+    try:
         config = AutoConfig.from_pretrained(path)
-    except (ValueError, KeyError, OSError, json.JSONDecodeError) as error:
-        raise UsageError(f"cannot read the config of {path}: {str(error).splitlines()[0]}")
-    check_family(config, str(path))
+    except (ValueError, KeyError, OSError) as error:
+        raise UsageError(f"cannot read the config of {path}: {str(error).splitlines()[0]}") from None
     torch_dtype = _resolve_dtype(dtype, config)
     files = _safetensors_files(path)
     checkpoint_bytes = sum(os.path.getsize(f) for f in files)

@@ -30,7 +30,8 @@ def main():
 @click.option("--model", default="builtin", show_default=True, help="Checkpoint folder, hub id, or 'builtin'.")
 @click.option("--strategy", "strategies", default="all", show_default=True,
               help="'all', or NAME[param=value,...] separated by commas, e.g. lru[cache_rate=0.25],on_demand.")
-@click.option("--cache-rate", type=float, default=0.5, show_default=True, help="Fraction of each layer's experts cached.")
+@click.option("--cache-rate", type=float, default=0.5, show_default=True,
+              help="Fraction of each layer's experts cached.")
 @click.option("--gpu-memory", type=int, default=None, help="Byte budget for the expert cache (overrides --cache-rate).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 @click.option("--dtype", default="auto", show_default=True, help="auto (the checkpoint's), float32, bfloat16, float16.")
@@ -54,7 +55,12 @@ def run(**options):
 
     cfg = RunConfig(**options)
     summary, out = run_benchmark(cfg)
+    if cfg.torch_device().type == "cpu":
+        click.echo(f"device: cpu, emulated host-to-device link at {cfg.link_gbps} GB/s + "
+                   f"{cfg.link_latency_us} us per copy (timings are emulated, not PCIe)")
     click.echo(format_table(summary, cfg.baseline))
+    if cfg.baseline not in set(summary["strategy"]):
+        click.echo(f"note: no speedups: the baseline {cfg.baseline} was not among the strategies run", err=True)
     if not summary["tokens_match"].all():
         click.echo("warning: some strategies produced different tokens than full_gpu (see summary.csv)", err=True)
     click.echo(f"wrote {out}")
@@ -75,7 +81,8 @@ def models():
     from .builtin_model import CONFIG, cache_dir
     from .families import SUPPORTED_FAMILIES
 
-    shape = f"{CONFIG['num_hidden_layers']} layers, {CONFIG['num_local_experts']} experts, top-{CONFIG['num_experts_per_tok']}"
+    shape = (f"{CONFIG['num_hidden_layers']} layers, {CONFIG['num_local_experts']} experts, "
+             f"top-{CONFIG['num_experts_per_tok']}")
     click.echo(f"{'builtin':<12} mixtral-style MoE made on first use ({shape}), cached in {cache_dir()}")
     for family in SUPPORTED_FAMILIES:
         click.echo(f"{family:<12} any Hugging Face checkpoint of this family (folder or hub id)")

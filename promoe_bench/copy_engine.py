@@ -96,6 +96,7 @@ class CopyEngine:
             if entry is not None and not entry.copying and (layer, expert) not in self.cache.in_use:
                 self.cache.remove(layer, expert)
                 self.cache.evictions[layer] += 1
+                self._cv.notify_all()  # a task may be waiting for this slot
 
     def begin_forward(self, layer: int, order: list[int]) -> None:
         with self._cv:
@@ -155,18 +156,17 @@ class CopyEngine:
             self.cache.remove(task.layer, task.expert)
 
     def _next(self) -> CopyTask | None:
-        """Head of HIGH, else head of LOW, with a slot claimed; None when closed."""
+        """The first HIGH task, else the first LOW task, that has or can claim a slot; None when
+        closed. A task whose layer has no slot to give right now lets the ones behind it go first
+        (compute may be waiting on one of those), and is retried as soon as a slot frees up."""
         while not self._closed:
             for priority in (Priority.HIGH, Priority.LOW):
                 for task in self._queues[priority]:
                     if task.entry is None:
                         key = (task.layer, task.expert)
                         task.entry = self.cache.claim(task.layer, task.expert, last_resort=self._awaited == key)
-                        if task.entry is None and priority is Priority.LOW:
-                            continue  # no room for a guess now; try the next
-                        if task.entry is None:
-                            break  # HIGH keeps FIFO order: wait for compute to free a slot
-                    return task
+                    if task.entry is not None:
+                        return task
             self._cv.wait()
         return None
 
@@ -183,11 +183,13 @@ class CopyEngine:
                     last = first + 1 if task.chunked else NUM_CHUNKS
                 for chunk in range(first, last):
                     src = self.store.chunk(task.layer, task.expert, chunk)
-                    landed = self.link.copy(self.pool.chunk(entry.slot, chunk), src, self.pool.released_event(entry.slot))
+                    dst = self.pool.chunk(entry.slot, chunk)
+                    landed = self.link.copy(dst, src, self.pool.released_event(entry.slot))
                     with self._cv:
                         entry.events.append(landed)
                         entry.chunks_ready += 1
                         self.counters.bytes[task.layer] += src.numel() * src.element_size()
+                        finished = task.cancelled or entry.ready
                         if task.cancelled:
                             self._forget(task)
                         elif entry.ready:
@@ -195,9 +197,9 @@ class CopyEngine:
                             self.counters.copies[task.layer] += 1
                             self._queues[task.priority].remove(task)
                             del self._tasks[(task.layer, task.expert)]
-                        self._active = task if chunk + 1 < last and not (task.cancelled or entry.ready) else None
+                        self._active = task if chunk + 1 < last and not finished else None
                         self._cv.notify_all()
-                    if task.cancelled:
+                    if finished:
                         break
         except BaseException as error:  # surface worker failures in the compute thread, never hang it
             with self._cv:
@@ -207,3 +209,5 @@ class CopyEngine:
     def _raise_worker_error(self) -> None:
         if self._error is not None:
             raise RuntimeError("copy worker failed") from self._error
+        if self._closed:
+            raise RuntimeError("the copy engine is closed")

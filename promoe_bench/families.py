@@ -18,15 +18,15 @@ SUPPORTED_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2
 _EXPERT_COUNT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 
 
-def check_family(config, where: str) -> None:
-    """Raise a UsageError unless `config` is a checkpoint of a supported MoE family."""
-    model_type = getattr(config, "model_type", None)
+def check_family(config: dict, where: str) -> None:
+    """Raise a UsageError unless `config` (config.json as a dict) is of a supported MoE family."""
+    model_type = config.get("model_type")
     if model_type in SUPPORTED_FAMILIES:
         return
     supported = ", ".join(SUPPORTED_FAMILIES)
     if model_type not in CONFIG_MAPPING:
         raise UsageError(f"unknown model family {model_type!r} in {where}; supported: {supported}")
-    if not any(getattr(config, field, None) for field in _EXPERT_COUNT_FIELDS):
+    if not any(config.get(field) for field in _EXPERT_COUNT_FIELDS):
         raise UsageError(f"{where} is not a Mixture-of-Experts model (model_type {model_type!r} has no experts)")
     raise UsageError(f"MoE family {model_type!r} ({where}) is not supported yet; supported: {supported}")
 

@@ -143,7 +143,8 @@ class OffloadRuntime:
     def finish_step(self) -> float:
         """Close the step's records; copy counters are attributed to the step in which they landed."""
         now = self._counters()
-        deltas = [[b - a for a, b in zip(before, after)] for before, after in zip(self._counted, now)]
+        deltas = [[b - a for a, b in zip(before, after, strict=True)]
+                  for before, after in zip(self._counted, now, strict=True)]
         self._counted = now
         return self.recorder.finish_step(*deltas)
 

@@ -33,7 +33,8 @@ class RunWriter:
         if out.exists() and not out.is_dir():
             raise UsageError(f"--out {out} is a file, not a folder")
         if out.is_dir() and any(out.iterdir()) and not overwrite:
-            raise UsageError(f"--out {out} already holds files (a previous run?); pass --overwrite or pick another folder")
+            raise UsageError(
+                f"--out {out} already holds files (a previous run?); pass --overwrite or pick another folder")
         self.out = out
         self.staging = out.parent / f".{out.name}.partial-{os.getpid()}"
         shutil.rmtree(self.staging, ignore_errors=True)
@@ -65,9 +66,10 @@ def load_run(folder: Path) -> tuple[dict, dict[str, pd.DataFrame]]:
     try:
         meta = json.loads(meta_path.read_text())
     except json.JSONDecodeError as error:
-        raise UsageError(f"{meta_path} is not valid JSON: {error}")
+        raise UsageError(f"{meta_path} is not valid JSON: {error}") from None
     if meta.get("schema_version") != SCHEMA_VERSION:
-        raise UsageError(f"{folder} has schema version {meta.get('schema_version')}; this promoe-bench reads {SCHEMA_VERSION}")
+        raise UsageError(
+            f"{folder} has schema version {meta.get('schema_version')}; this promoe-bench reads {SCHEMA_VERSION}")
     tables = {}
     for name in TABLES:
         path = folder / f"{name}.csv"

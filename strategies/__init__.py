@@ -68,14 +68,22 @@ def parse(spec: str) -> Strategy:
     try:
         return cls(**kwargs)
     except ValueError as error:
-        raise UsageError(f"strategy {spec!r}: {error}")
+        raise UsageError(f"strategy {spec!r}: {error}") from None
 
 
 def resolve(text: str) -> list[Strategy]:
     """`all`, or a comma-separated list of specs (commas inside [...] belong to the spec)."""
     if text.strip() == "all":
         return [cls() for cls in available().values()]
-    specs = re.findall(r"[^,\[\]]+(?:\[[^\]]*\])?", text)
-    if not specs:
+    specs, depth, current = [], 0, ""
+    for char in text:
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            specs.append(current)
+            current = ""
+        else:
+            current += char
+    specs.append(current)
+    if not any(spec.strip() for spec in specs):
         raise UsageError("no strategy given")
     return [parse(spec) for spec in specs]

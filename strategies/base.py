@@ -20,6 +20,12 @@ class Strategy(ABC):
     cache_rate: float | None = None  # overrides the run's --cache-rate for this strategy
     gpu_memory: int | None = None  # overrides the run's --gpu-memory (bytes) for this strategy
 
+    def __post_init__(self):
+        if self.cache_rate is not None and not 0 < self.cache_rate <= 1:
+            raise ValueError(f"cache_rate must be in (0, 1], got {self.cache_rate}")
+        if self.gpu_memory is not None and self.gpu_memory <= 0:
+            raise ValueError(f"gpu_memory must be a positive number of bytes, got {self.gpu_memory}")
+
     def capacity(self, num_experts: int, budgeted: int) -> int:
         """Cache slots per layer, given how many the memory budget allows."""
         return budgeted

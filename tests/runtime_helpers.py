@@ -15,7 +15,7 @@ def run_generation(loaded, spec: str, input_ids, gen_len: int, cache_rate: float
     strategy = parse(spec)
     store = loaded.store
     budget = cache_capacity(store.num_experts, loaded.top_k, store.num_layers, store.layout.nbytes,
-                            strategy.cache_rate or cache_rate, None)
+                            cache_rate if strategy.cache_rate is None else strategy.cache_rate, None)
     runtime = OffloadRuntime(loaded, strategy, strategy.capacity(store.num_experts, budget),
                              link or EmulatedLink(**FAST_LINK), torch.device("cpu"))
     try:
