@@ -101,6 +101,7 @@ def run(cfg: RunConfig) -> tuple[pd.DataFrame, Path]:
             "path": str(loaded.path), "family": loaded.config.model_type, "moe_layers": store.num_layers,
             "experts_per_layer": store.num_experts, "top_k": loaded.top_k, "expert_bytes": store.layout.nbytes,
             "dtype": str(store.layout.dtype).removeprefix("torch."), "checkpoint_bytes": loaded.report.checkpoint_bytes,
+            "expert_store_bytes": store.nbytes,
             "load_seconds": loaded.report.seconds, "load_peak_rss_over_checkpoint": loaded.report.peak_over_checkpoint,
         },
         "strategies": {},

@@ -60,10 +60,6 @@ class LoadedModel:
     path: Path
     report: LoadReport
 
-    @property
-    def num_experts(self) -> int:
-        return self.store.num_experts
-
 
 def resolve_checkpoint(model: str) -> Path:
     """A local folder as is; otherwise a hub id, downloaded where the network allows."""

@@ -7,7 +7,7 @@ LOW one. Compute waits per chunk through `wait`.
 
 import threading
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import IntEnum
 
 from .cache import NUM_CHUNKS, Entry, ExpertCache
@@ -36,9 +36,8 @@ class CopyCounters:
 
     copies: list[int]
     bytes: list[int]
-    dropped: int = 0
-    refetches: int = 0
-    per_chunk: list = field(default_factory=list)
+    dropped: int = 0  # LOW tasks dropped before they were copied
+    refetches: int = 0  # experts compute needed that nobody had requested (or that lost their slot)
 
 
 class CopyEngine:

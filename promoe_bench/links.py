@@ -31,7 +31,6 @@ class EmulatedLink:
     copy instead of piling up: back-to-back copies run at the set bandwidth on average.
     """
 
-    emulated = True
     BACK_TO_BACK_S = 1e-3
 
     def __init__(self, gbps: float, latency_us: float):
@@ -67,7 +66,6 @@ class EmulatedLink:
 class CudaLink:
     """Asynchronous copies from pinned host memory on a dedicated copy stream, an event per chunk."""
 
-    emulated = False
 
     def __init__(self, device: torch.device):
         self.stream = torch.cuda.Stream(device)

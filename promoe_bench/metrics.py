@@ -9,8 +9,6 @@ from dataclasses import dataclass
 
 import torch
 
-LAYER_FIELDS = ("non_expert_s", "router_s", "expert_s", "stall_s")
-
 
 class Clock:
     def __init__(self, device: torch.device):

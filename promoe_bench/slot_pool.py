@@ -17,10 +17,6 @@ class SlotPool:
         # On CUDA, the event after the last compute that read a slot: a copy into it must wait for it.
         self._released = [None] * num_slots
 
-    @property
-    def nbytes(self) -> int:
-        return self.buffer.numel() * self.buffer.element_size()
-
     def chunk(self, slot: int, chunk: int) -> torch.Tensor:
         start, end = self.layout.chunk_bounds(chunk)
         return self.buffer[slot, start:end]
