@@ -163,11 +163,10 @@ def _fill_layer(buffer: torch.Tensor, layout: ExpertLayout, layer: MoELayer, key
 
 
 @contextlib.contextmanager
-def _experts_left_uninitialized(config):
+def _experts_left_uninitialized(model_class):
     """transformers random-initialises weights missing from the checkpoint, and the skipped experts are
     missing: that would write (and make resident) a full copy of the experts. Its initialiser skips
     modules marked `_is_hf_initialized`, so mark the family's experts classes while loading."""
-    model_class = AutoModelForCausalLM._model_mapping[type(config)]
     classes = [cls for _, cls in inspect.getmembers(sys.modules[model_class.__module__], inspect.isclass)
                if hasattr(cls, "_apply_gate") and "_is_hf_initialized" not in vars(cls)]
     for cls in classes:
@@ -217,6 +216,7 @@ def load_checkpoint(model: str, device: torch.device, dtype: str = "auto") -> Lo
     files = _safetensors_files(path)
     checkpoint_bytes = sum(os.path.getsize(f) for f in files)
 
+    model_class = AutoModelForCausalLM._model_mapping[type(config)]  # imports the family's code: not load memory
     _reset_peak_rss()
     rss_before = psutil.Process().memory_info().rss
     start = time.perf_counter()
@@ -224,8 +224,8 @@ def load_checkpoint(model: str, device: torch.device, dtype: str = "auto") -> Lo
     hf_logging.set_verbosity_error()  # the load report lists the skipped experts as unexpected: expected
     hf_logging.disable_progress_bar()
     try:
-        with _experts_left_uninitialized(config):
-            hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, key_mapping=_SKIP_EXPERTS)
+        with _experts_left_uninitialized(model_class):
+            hf_model = model_class.from_pretrained(path, dtype=torch_dtype, key_mapping=_SKIP_EXPERTS)
     finally:
         hf_logging.set_verbosity(verbosity)
     layers = find_moe_layers(hf_model)
