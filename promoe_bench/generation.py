@@ -1,6 +1,8 @@
 """Prefill, then greedy decoding with a KV cache: the loop every strategy is timed on.
 
 Step 0 is the prefill (its end is the first token), steps 1.. are decode steps of one token each.
+Prompts of different lengths are left-padded into one batch, with the attention mask and position
+ids that transformers' own generate() would use, so padding never changes a request's output.
 """
 
 from dataclasses import dataclass
@@ -16,15 +18,29 @@ class Generation:
     logits: torch.Tensor | None  # [B, N, V] of each generated position, when asked for
 
 
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids and attention_mask [B, P_max] with each prompt right-aligned."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+        mask[row, width - len(prompt):] = 1
+    return ids, mask
+
+
 @torch.no_grad()
-def generate(model, input_ids: torch.Tensor, gen_len: int, runtime, keep_logits: bool = False, **context) -> Generation:
+def generate(model, input_ids: torch.Tensor, gen_len: int, runtime, attention_mask: torch.Tensor | None = None,
+             keep_logits: bool = False, **context) -> Generation:
     """Greedy-decode `gen_len` tokens after `input_ids` [B, P]; `runtime` records every step."""
     cache = DynamicCache(config=model.config)
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(input_ids.device)
+    positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)  # [B, P]: padding does not count
     tokens, logits, seconds = [], [], []
     next_input = input_ids
     for step in range(gen_len):
         runtime.recorder.begin_step(**context, phase="prefill" if step == 0 else "decode", step=step)
-        out = model(input_ids=next_input, cache=cache, use_cache=True)
+        out = model(input_ids=next_input, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
         step_logits = out.logits[:, -1, :]  # [B, V]
         next_token = step_logits.argmax(dim=-1, keepdim=True)  # [B, 1]
         seconds.append(runtime.finish_step())
@@ -32,6 +48,8 @@ def generate(model, input_ids: torch.Tensor, gen_len: int, runtime, keep_logits:
         if keep_logits:
             logits.append(step_logits.float().cpu())
         next_input = next_token
+        mask = torch.cat([mask, torch.ones_like(next_token)], dim=-1)
+        positions = positions[:, -1:] + 1
     return Generation(
         torch.cat(tokens, dim=1).cpu(), seconds, torch.stack(logits, dim=1) if keep_logits else None
     )

@@ -11,7 +11,8 @@ from promoe_bench.strategies import parse
 FAST_LINK = dict(gbps=50.0, latency_us=0.0)  # correctness tests need no realistic pacing
 
 
-def run_generation(loaded, spec: str, input_ids, gen_len: int, cache_rate: float = 0.5, link=None):
+def run_generation(loaded, spec: str, input_ids, gen_len: int, cache_rate: float = 0.5, link=None,
+                   attention_mask=None):
     strategy = parse(spec)
     store = loaded.store
     budget = cache_capacity(store.num_experts, loaded.top_k, store.num_layers, store.layout.nbytes,
@@ -19,7 +20,8 @@ def run_generation(loaded, spec: str, input_ids, gen_len: int, cache_rate: float
     runtime = OffloadRuntime(loaded, strategy, strategy.capacity(store.num_experts, budget),
                              link or EmulatedLink(**FAST_LINK), torch.device("cpu"))
     try:
-        result = generate(loaded.model, input_ids, gen_len, runtime, keep_logits=True, strategy=spec)
+        result = generate(loaded.model, input_ids, gen_len, runtime, attention_mask=attention_mask,
+                          keep_logits=True, strategy=spec)
     finally:
         runtime.close()
     return result, runtime

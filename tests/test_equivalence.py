@@ -5,6 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from promoe_bench.checkpoint import load_checkpoint
+from promoe_bench.generation import left_pad
 
 from .checkpoints import FAMILIES
 from .runtime_helpers import run_generation
@@ -15,23 +16,26 @@ GEN_LEN = 6
 
 @pytest.fixture(scope="module")
 def references(checkpoints):
-    """family -> (prompt ids, tokens, logits) from transformers' own generate() with its eager experts."""
+    """family -> (ids, mask, tokens, logits) from transformers' own generate() with its eager experts, on
+    a batch of prompts of different lengths (left-padded)."""
     out = {}
+    generator = torch.Generator().manual_seed(1)
     for family, folder in checkpoints.items():
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, experts_implementation="eager")
-        ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
-        generated = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+        prompts = [torch.randint(1, model.config.vocab_size, (n,), generator=generator).tolist() for n in (9, 4, 6)]
+        ids, mask = left_pad(prompts, pad_id=0)
+        generated = model.generate(ids, attention_mask=mask, do_sample=False, pad_token_id=0,
                                    max_new_tokens=GEN_LEN, output_logits=True, return_dict_in_generate=True)
-        out[family] = (ids, generated.sequences[:, ids.shape[1]:], torch.stack(generated.logits, dim=1))
+        out[family] = (ids, mask, generated.sequences[:, ids.shape[1]:], torch.stack(generated.logits, dim=1))
     return out
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_every_strategy_reproduces_transformers_generate(family, checkpoints, references):
     loaded = load_checkpoint(str(checkpoints[family]), torch.device("cpu"))
-    ids, want_tokens, want_logits = references[family]
+    ids, mask, want_tokens, want_logits = references[family]
     for spec in STRATEGIES:
-        result, runtime = run_generation(loaded, spec, ids, GEN_LEN)
+        result, runtime = run_generation(loaded, spec, ids, GEN_LEN, attention_mask=mask)
         assert torch.equal(result.tokens, want_tokens), f"{family}/{spec}: greedy tokens differ"
         torch.testing.assert_close(result.logits, want_logits, rtol=1e-4, atol=1e-5, msg=f"{family}/{spec}")
         misses = sum(row["misses"] for row in runtime.recorder.rows)
