@@ -13,12 +13,13 @@ from .builtin_model import builtin_checkpoint
 from .checkpoint import LoadedModel, load_checkpoint
 from .config import RunConfig, cache_capacity
 from .errors import UsageError
-from .generation import generate
+from .generation import generate, left_pad
 from .links import CudaLink, EmulatedLink
 from .offload import OffloadRuntime
 from .results import RunWriter
 from .strategies import available, resolve
 from .summary import summarize
+from .workloads import Workload, build_requests
 
 
 @dataclass
@@ -28,14 +29,28 @@ class StrategyRun:
     requests: list[dict]
     steps: list[dict]
     layers: list[dict]
-    tokens: torch.Tensor  # [B, N] of the last repeat
+    tokens: list[torch.Tensor]  # per batch, [B, N] of the last repeat
     link: dict
 
 
-def make_prompts(cfg: RunConfig, vocab_size: int) -> torch.Tensor:
-    """Random token ids [B, P], the same for every strategy of a run (seeded)."""
-    generator = torch.Generator().manual_seed(cfg.seed)
-    return torch.randint(0, vocab_size, (cfg.batch_size, cfg.prompt_len), generator=generator)
+@dataclass(frozen=True)
+class Batch:
+    requests: list[int]  # request numbers
+    prompts: list[list[int]]  # their token ids
+    input_ids: torch.Tensor  # [B, P] left-padded
+    attention_mask: torch.Tensor  # [B, P]
+
+
+def make_batches(workload: Workload, loaded: LoadedModel) -> list[Batch]:
+    """The workload's requests, in order, cut into batches: the same for every strategy of a run."""
+    tokenize = loaded.tokenize if loaded.tokenizer is not None else None
+    prompts = build_requests(workload, tokenize, loaded.config.vocab_size)
+    batches = []
+    for start in range(0, len(prompts), workload.batch_size):
+        chunk = prompts[start : start + workload.batch_size]
+        ids, mask = left_pad(chunk, loaded.pad_id)
+        batches.append(Batch(list(range(start, start + len(chunk))), chunk, ids, mask))
+    return batches
 
 
 def make_link(cfg: RunConfig, device: torch.device):
@@ -44,28 +59,35 @@ def make_link(cfg: RunConfig, device: torch.device):
     return EmulatedLink(cfg.link_gbps, cfg.link_latency_us)
 
 
-def run_strategy(loaded: LoadedModel, strategy, capacity: int, cfg: RunConfig, device, prompts,
+def run_strategy(loaded: LoadedModel, strategy, capacity: int, cfg: RunConfig, device, batches: list[Batch],
                  progress) -> StrategyRun:
     link = make_link(cfg, device)
     runtime = OffloadRuntime(loaded, strategy, capacity, link, device)
-    requests, steps = [], []
+    gen_len = cfg.workload.output_tokens
+    requests, steps, tokens = [], [], []
     try:
         for repeat in range(cfg.warmup + cfg.repeats):  # warm-up repeats first, recorded but flagged
-            context = {"strategy": strategy.label, "repeat": repeat, "warmup": repeat < cfg.warmup}
-            result = generate(loaded.model, prompts.to(device), cfg.gen_len, runtime, **context)
-            ttft, decode = result.step_seconds[0], result.step_seconds[1:]
-            tpot = sum(decode) / len(decode) if decode else float("nan")
-            for request in range(prompts.shape[0]):
-                requests.append({**context, "request": request, "prompt_tokens": prompts.shape[1],
-                                 "output_tokens": cfg.gen_len, "ttft_s": ttft, "tpot_s": tpot,
-                                 "prefill_tok_s": prompts.shape[1] / ttft, "decode_tok_s": 1 / tpot})
-            for step, seconds in enumerate(result.step_seconds):
-                phase = "prefill" if step == 0 else "decode"
-                steps.append({**context, "phase": phase, "step": step, "seconds": seconds})
-            progress.update(1)
+            tokens = []
+            for number, batch in enumerate(batches):
+                context = {"strategy": strategy.label, "repeat": repeat, "warmup": repeat < cfg.warmup,
+                           "batch": number}
+                result = generate(loaded.model, batch.input_ids.to(device), gen_len, runtime,
+                                  attention_mask=batch.attention_mask, **context)
+                tokens.append(result.tokens)
+                ttft, decode = result.step_seconds[0], result.step_seconds[1:]
+                tpot = sum(decode) / len(decode) if decode else float("nan")
+                for request, prompt in zip(batch.requests, batch.prompts, strict=True):
+                    requests.append({**context, "request": request, "prompt_tokens": len(prompt),
+                                     "output_tokens": gen_len, "ttft_s": ttft, "tpot_s": tpot,
+                                     "prefill_tok_s": len(prompt) / ttft, "decode_tok_s": 1 / tpot})
+                prompt_tokens = sum(len(p) for p in batch.prompts)
+                for step, seconds in enumerate(result.step_seconds):
+                    phase, produced = ("prefill", prompt_tokens) if step == 0 else ("decode", len(batch.prompts))
+                    steps.append({**context, "phase": phase, "step": step, "tokens": produced, "seconds": seconds})
+                progress.update(1)
     finally:
         runtime.close()
-    return StrategyRun(strategy.label, capacity, requests, steps, runtime.recorder.rows, result.tokens,
+    return StrategyRun(strategy.label, capacity, requests, steps, runtime.recorder.rows, tokens,
                        {**link.describe(), "achieved_gbps": link.counters.achieved_gbps})
 
 
@@ -91,7 +113,7 @@ def run(cfg: RunConfig) -> tuple[pd.DataFrame, Path]:
                                 strategy.gpu_memory if strategy.gpu_memory is not None else cfg.gpu_memory)
         capacities.append(strategy.capacity(store.num_experts, budget))
     writer = RunWriter(cfg.out, cfg.overwrite)
-    started = datetime.datetime.now(datetime.timezone.utc)
+    started = datetime.datetime.now(datetime.UTC)
     meta = {
         "status": "running",
         "started": started.isoformat(),
@@ -102,18 +124,20 @@ def run(cfg: RunConfig) -> tuple[pd.DataFrame, Path]:
             "experts_per_layer": store.num_experts, "top_k": loaded.top_k, "expert_bytes": store.layout.nbytes,
             "dtype": str(store.layout.dtype).removeprefix("torch."), "checkpoint_bytes": loaded.report.checkpoint_bytes,
             "expert_store_bytes": store.nbytes,
-            "load_seconds": loaded.report.seconds, "load_peak_rss_over_checkpoint": loaded.report.peak_over_checkpoint,
+            "load_seconds": loaded.report.seconds,
+            "tokenizer": loaded.tokenizer is not None,
+            "load_peak_rss_over_checkpoint": loaded.report.peak_over_checkpoint,
         },
         "strategies": {},
     }
-    prompts = make_prompts(cfg, loaded.config.vocab_size)
+    batches = make_batches(cfg.workload, loaded)
     runs: list[StrategyRun] = []
-    progress = tqdm(total=len(strategies) * (cfg.warmup + cfg.repeats), desc="generations", unit="gen",
-                    disable=None, leave=False)
+    progress = tqdm(total=len(strategies) * (cfg.warmup + cfg.repeats) * len(batches), desc="batches",
+                    unit="batch", disable=None, leave=False)
     try:
         for strategy, capacity in zip(strategies, capacities, strict=True):
             progress.set_postfix_str(strategy.label)
-            runs.append(run_strategy(loaded, strategy, capacity, cfg, device, prompts, progress))
+            runs.append(run_strategy(loaded, strategy, capacity, cfg, device, batches, progress))
             meta["strategies"][strategy.label] = {"cache_slots_per_layer": capacity,
                                                   "cache_bytes": capacity * store.num_layers * store.layout.nbytes,
                                                   "link": runs[-1].link}
@@ -126,7 +150,7 @@ def run(cfg: RunConfig) -> tuple[pd.DataFrame, Path]:
         raise
     finally:
         progress.close()
-        meta["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat()
+        meta["finished"] = datetime.datetime.now(datetime.UTC).isoformat()
         writer.metadata(meta)
         out = writer.publish()
     return summary, out
@@ -137,8 +161,8 @@ def _write_tables(writer: RunWriter, runs: list[StrategyRun], cfg: RunConfig) ->
     steps = pd.DataFrame([row for run in runs for row in run.steps])
     layers = pd.DataFrame([row for run in runs for row in run.layers])
     reference = next((run.tokens for run in runs if run.label == "full_gpu"), runs[0].tokens)
-    matches = {run.label: bool(torch.equal(run.tokens, reference)) for run in runs}
-    summary = summarize(requests, steps, layers, cfg, matches)
+    matches = {run.label: all(map(torch.equal, run.tokens, reference)) for run in runs}
+    summary = summarize(requests, steps, layers, cfg.baseline, matches)
     for name, frame in (("requests", requests), ("steps", steps), ("layers", layers), ("summary", summary)):
         writer.table(name, frame)
     return summary

@@ -22,7 +22,7 @@ import psutil
 import torch
 from safetensors import safe_open
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from .errors import UsageError
@@ -59,6 +59,17 @@ class LoadedModel:
     top_k: int
     path: Path
     report: LoadReport
+    tokenizer: object | None  # the checkpoint's own, when it ships one
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.tokenizer(text)["input_ids"]
+
+    @property
+    def pad_id(self) -> int:
+        """Id that fills left padding (masked out, so any id works; the tokenizer's when it has one)."""
+        if self.tokenizer is not None:
+            return self.tokenizer.pad_token_id or self.tokenizer.eos_token_id or 0
+        return 0
 
 
 def resolve_checkpoint(model: str) -> Path:
@@ -242,7 +253,9 @@ def load_checkpoint(model: str, device: torch.device, dtype: str = "auto") -> Lo
     report = LoadReport(checkpoint_bytes, rss_before, _peak_rss(), time.perf_counter() - start)
 
     hf_model.to(device).eval().requires_grad_(False)
-    return LoadedModel(hf_model, config, layers, store, int(config.num_experts_per_tok), path, report)
+    has_tokenizer = (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()
+    tokenizer = AutoTokenizer.from_pretrained(path) if has_tokenizer else None
+    return LoadedModel(hf_model, config, layers, store, int(config.num_experts_per_tok), path, report, tokenizer)
 
 
 def _resolve_dtype(dtype: str, config) -> torch.dtype:

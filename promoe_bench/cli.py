@@ -39,12 +39,18 @@ def main():
               help="Emulated host-to-device bandwidth (--device cpu only).")
 @click.option("--link-latency-us", type=float, default=DEFAULT_LINK_LATENCY_US, show_default=True,
               help="Emulated per-copy latency (--device cpu only).")
-@click.option("--prompt-len", type=int, default=64, show_default=True)
-@click.option("--gen-len", type=int, default=32, show_default=True, help="Output tokens per request.")
-@click.option("--batch-size", type=int, default=1, show_default=True)
+@click.option("--workload", default=None, help="A shipped workload (see `promoe-bench workloads`) or a TOML file; "
+              "without it, random prompts sized by --prompt-len.")
+@click.option("--workload-file", type=click.Path(path_type=Path), default=None,
+              help="The data file of a file-based workload (e.g. your ShareGPT JSON for --workload sharegpt).")
+@click.option("--prompt-len", type=int, default=None,
+              help="Prompt tokens (random prompts: 64); caps a text workload's prompts.")
+@click.option("--gen-len", type=int, default=None, help="Output tokens per request (random prompts: 32).")
+@click.option("--batch-size", type=int, default=None, help="Requests per batch (random prompts: 1).")
+@click.option("--num-requests", type=int, default=None, help="Requests per repeat (random prompts: one batch).")
+@click.option("--seed", type=int, default=None, help="Prompt seed (random prompts: 0).")
 @click.option("--repeats", type=int, default=3, show_default=True, help="Measured repeats.")
 @click.option("--warmup", type=int, default=1, show_default=True, help="Warm-up repeats, recorded and excluded.")
-@click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--baseline", default="lru", show_default=True, help="Strategy the speedups are measured against.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs/latest"), show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace a run already in --out.")
@@ -53,7 +59,9 @@ def run(**options):
     from .bench import run as run_benchmark  # torch and transformers load only for commands that need them
     from .summary import format_table
 
-    cfg = RunConfig(**options)
+    workload = _workload(**{k: options.pop(k) for k in ("workload", "workload_file", "prompt_len", "gen_len",
+                                                        "batch_size", "num_requests", "seed")})
+    cfg = RunConfig(workload=workload, **options)
     summary, out = run_benchmark(cfg)
     if cfg.torch_device().type == "cpu":
         click.echo(f"device: cpu, emulated host-to-device link at {cfg.link_gbps} GB/s + "
@@ -64,6 +72,54 @@ def run(**options):
     if not summary["tokens_match"].all():
         click.echo("warning: some strategies produced different tokens than full_gpu (see summary.csv)", err=True)
     click.echo(f"wrote {out}")
+
+
+def _workload(workload, workload_file, prompt_len, gen_len, batch_size, num_requests, seed):
+    """The run's workload: a named or file workload with the flags given on top, or random prompts."""
+    from .config import flag_workload
+    from .workloads import load_workload
+
+    for flag, value, low in (("--prompt-len", prompt_len, 1), ("--gen-len", gen_len, 1),
+                             ("--batch-size", batch_size, 1), ("--num-requests", num_requests, 1), ("--seed", seed, 0)):
+        if value is not None and value < low:  # named by its flag here, rather than by the workload field
+            raise UsageError(f"{flag} must be at least {low}, got {value}")
+    if workload is None:
+        if workload_file is not None:
+            raise UsageError("--workload-file needs --workload (e.g. --workload sharegpt --workload-file data.json)")
+        return flag_workload(prompt_len, gen_len, batch_size, num_requests, seed)
+    chosen = load_workload(workload)
+    lengths = {}
+    if prompt_len is not None:  # exact for random prompts, a cap for text
+        low = prompt_len if chosen.source == "synthetic" else min(chosen.min_prompt_tokens, prompt_len)
+        lengths = {"min_prompt_tokens": low, "max_prompt_tokens": prompt_len}
+    chosen = chosen.with_overrides(output_tokens=gen_len, batch_size=batch_size, num_requests=num_requests,
+                                   seed=seed, **lengths)
+    return chosen.with_path(workload_file) if workload_file is not None else chosen
+
+
+@main.command()
+def workloads():
+    """List the shipped workloads."""
+    from .workloads import shipped_workloads
+
+    for name, w in shipped_workloads().items():
+        click.echo(f"{name:<13} {w.source:<9} {w.num_requests:>3} requests, prompts {w.min_prompt_tokens}-"
+                   f"{w.max_prompt_tokens} tokens, {w.output_tokens} out, batch {w.batch_size}: {w.description}")
+
+
+@main.command("routing-stats")
+@click.option("--model", default="builtin", show_default=True, help="Checkpoint folder, hub id, or 'builtin'.")
+@click.option("--workload", default="chat", show_default=True)
+@click.option("--num-requests", type=int, default=None, help="Override the workload's request count.")
+@click.option("--gen-len", type=int, default=None, help="Override the workload's output tokens.")
+@click.option("--compare-random", is_flag=True, help="Also measure a randomly initialised model of the same shape.")
+def routing_stats(model, workload, num_requests, gen_len, compare_random):
+    """Per-layer routing structure: expert usage, token-to-token reuse, next-layer-gate recall, LRU hits."""
+    from .routing_stats import markdown_table, routing_report
+    from .workloads import load_workload
+
+    chosen = load_workload(workload).with_overrides(num_requests=num_requests, output_tokens=gen_len)
+    click.echo(markdown_table(routing_report(model, chosen, compare_random)))
 
 
 @main.command()
@@ -78,12 +134,13 @@ def strategies():
 @main.command()
 def models():
     """List the built-in model and the supported checkpoint families."""
-    from .builtin_model import CONFIG, cache_dir
+    from .builtin_model import BUILTIN_DIR, builtin_config
     from .families import SUPPORTED_FAMILIES
 
-    shape = (f"{CONFIG['num_hidden_layers']} layers, {CONFIG['num_local_experts']} experts, "
-             f"top-{CONFIG['num_experts_per_tok']}")
-    click.echo(f"{'builtin':<12} mixtral-style MoE made on first use ({shape}), cached in {cache_dir()}")
+    config = builtin_config()
+    shape = (f"{config['num_hidden_layers']} layers, {config['num_local_experts']} experts, "
+             f"top-{config['num_experts_per_tok']}")
+    click.echo(f"{'builtin':<12} small mixtral-style MoE trained on Python's docs ({shape}), in {BUILTIN_DIR}")
     for family in SUPPORTED_FAMILIES:
         click.echo(f"{family:<12} any Hugging Face checkpoint of this family (folder or hub id)")
 

@@ -3,6 +3,8 @@
 Every default lives here. The emulated link's defaults are derived in README.md ("The emulated link").
 """
 
+import dataclasses
+import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -10,12 +12,25 @@ from pathlib import Path
 import torch
 
 from .errors import UsageError
+from .workloads import Workload
 
 # Emulated host-to-device link for --device cpu. Derived so that, for the built-in model on a 2-core
 # CPU, one expert's copy takes about 2.06x one layer's decode compute, as in the paper's setup
 # (17.3 MB at 23.9 GB/s = 0.72 ms per expert, against 9.8 ms / 28 layers = 0.35 ms per layer).
-DEFAULT_LINK_GBPS = 0.16
+DEFAULT_LINK_GBPS = 0.036
 DEFAULT_LINK_LATENCY_US = 20.0
+
+
+def flag_workload(prompt_len: int | None = None, gen_len: int | None = None, batch_size: int | None = None,
+                  num_requests: int | None = None, seed: int | None = None) -> Workload:
+    """The workload of a run given no --workload: random token ids of one length (the issue-2 default)."""
+    def given(value, default):
+        return default if value is None else value
+
+    batch, length = given(batch_size, 1), given(prompt_len, 64)
+    return Workload(name="flags", description="random token ids sized by --prompt-len / --gen-len",
+                    source="synthetic", num_requests=given(num_requests, batch), min_prompt_tokens=length,
+                    max_prompt_tokens=length, output_tokens=given(gen_len, 32), batch_size=batch, seed=given(seed, 0))
 
 
 @dataclass(frozen=True)
@@ -28,12 +43,9 @@ class RunConfig:
     dtype: str = "auto"
     link_gbps: float = DEFAULT_LINK_GBPS
     link_latency_us: float = DEFAULT_LINK_LATENCY_US
-    prompt_len: int = 64
-    gen_len: int = 32
-    batch_size: int = 1
+    workload: Workload = dataclasses.field(default_factory=flag_workload)
     repeats: int = 3
     warmup: int = 1
-    seed: int = 0
     baseline: str = "lru"
     out: Path = Path("runs/latest")
     overwrite: bool = False
@@ -44,9 +56,6 @@ class RunConfig:
         if self.gpu_memory is not None and self.gpu_memory <= 0:
             raise UsageError(f"--gpu-memory must be a positive number of bytes, got {self.gpu_memory}")
         for flag, value, low in (
-            ("--prompt-len", self.prompt_len, 1),
-            ("--gen-len", self.gen_len, 1),
-            ("--batch-size", self.batch_size, 1),
             ("--repeats", self.repeats, 1),
             ("--warmup", self.warmup, 0),
         ):
@@ -67,7 +76,7 @@ class RunConfig:
         return torch.device(self.device)
 
     def to_json(self) -> dict:
-        return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
+        return json.loads(json.dumps(asdict(self), default=str))
 
 
 def cache_capacity(num_experts: int, top_k: int, num_layers: int, expert_bytes: int,

@@ -1,40 +1,39 @@
 """One row per strategy from the raw tables: the figures `run` prints and `summary.csv` holds.
 
-All figures use measured repeats only (warm-up excluded) and medians over repeats.
+Measured repeats only (warm-up excluded). TTFT and TPOT are medians over requests; tokens/s are
+totals over the measured steps (prompt tokens over prefill time; generated tokens over decode time).
 """
 
 import pandas as pd
 
-from .config import RunConfig
 
-
-def summarize(requests: pd.DataFrame, steps: pd.DataFrame, layers: pd.DataFrame, cfg: RunConfig,
+def summarize(requests: pd.DataFrame, steps: pd.DataFrame, layers: pd.DataFrame, baseline: str,
               tokens_match: dict[str, bool]) -> pd.DataFrame:
     measured = requests[~requests["warmup"]]
     layer_rows = layers[~layers["warmup"]]
     step_rows = steps[~steps["warmup"]]
+    repeats = measured["repeat"].nunique()
     rows = []
     for label, group in measured.groupby("strategy", sort=False):
         lay = layer_rows[layer_rows["strategy"] == label]
+        own_steps = step_rows[step_rows["strategy"] == label]
+        prefill = own_steps[own_steps["phase"] == "prefill"]
+        decode = own_steps[own_steps["phase"] == "decode"]
         accesses = lay["hits"].sum() + lay["misses"].sum()
-        total_s = step_rows.loc[step_rows["strategy"] == label, "seconds"].sum()
-        ttft = group.groupby("repeat")["ttft_s"].first().median()
-        tpot = group.groupby("repeat")["tpot_s"].first().median()
         rows.append({
             "strategy": label,
-            "ttft_ms": ttft * 1e3,
-            "tpot_ms": tpot * 1e3,
-            # tokens/s of the whole batch: B prompts of P tokens in one prefill, B tokens per decode step
-            "prefill_tok_s": cfg.batch_size * cfg.prompt_len / ttft,
-            "decode_tok_s": cfg.batch_size / tpot,
+            "ttft_ms": group["ttft_s"].median() * 1e3,
+            "tpot_ms": group["tpot_s"].median() * 1e3,
+            "prefill_tok_s": prefill["tokens"].sum() / prefill["seconds"].sum(),
+            "decode_tok_s": decode["tokens"].sum() / decode["seconds"].sum() if len(decode) else float("nan"),
             "hit_rate": lay["hits"].sum() / accesses if accesses else float("nan"),
-            "stall_share": lay["stall_s"].sum() / total_s if total_s else float("nan"),
-            "copied_mb_per_repeat": lay["bytes"].sum() / lay["repeat"].nunique() / 1e6,
-            "evictions_per_repeat": lay["evictions"].sum() / lay["repeat"].nunique(),
+            "stall_share": lay["stall_s"].sum() / own_steps["seconds"].sum(),
+            "copied_mb_per_repeat": lay["bytes"].sum() / repeats / 1e6,
+            "evictions_per_repeat": lay["evictions"].sum() / repeats,
             "tokens_match": tokens_match[label],
         })
     summary = pd.DataFrame(rows)
-    base = summary[summary["strategy"] == cfg.baseline]
+    base = summary[summary["strategy"] == baseline]
     if not base.empty:
         summary["speedup_ttft"] = base["ttft_ms"].iloc[0] / summary["ttft_ms"]
         summary["speedup_tpot"] = base["tpot_ms"].iloc[0] / summary["tpot_ms"]

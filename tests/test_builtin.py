@@ -1,34 +1,42 @@
-"""The built-in model: made deterministically in the real format, loaded through the normal path."""
+"""The built-in model: a trained checkpoint shipped in the real format, loaded through the normal path."""
 
 import json
 
 import torch
-from safetensors.torch import load_file
 
-from promoe_bench.builtin_model import CONFIG, builtin_checkpoint
+from promoe_bench.builtin_model import builtin_checkpoint, builtin_config
 from promoe_bench.checkpoint import load_checkpoint
 
+from .runtime_helpers import run_generation
 
-def test_builtin_checkpoint_is_a_real_hf_checkpoint_made_once():
+
+def test_builtin_is_a_hf_checkpoint_with_its_own_tokenizer_and_card():
     path = builtin_checkpoint()
-    config = json.loads((path / "config.json").read_text())
+    config = builtin_config()
     assert config["model_type"] == "mixtral"
-    assert config["num_local_experts"] == CONFIG["num_local_experts"]
-    mtime = (path / "model.safetensors").stat().st_mtime_ns
-    assert builtin_checkpoint() == path and (path / "model.safetensors").stat().st_mtime_ns == mtime
+    assert 6 <= config["num_hidden_layers"] <= 8
+    assert config["num_local_experts"] >= 32 and config["num_experts_per_tok"] >= 4
+    assert (path / "model.safetensors").stat().st_size <= 25 * 2**20
+    for name in ("tokenizer.json", "README.md", "training.json"):
+        assert (path / name).is_file(), name
+    training = json.loads((path / "training.json").read_text())
+    assert training["final_heldout_loss"] < training["history"][0]["heldout_loss"]
 
 
-def test_builtin_checkpoint_is_deterministic(tmp_path, monkeypatch):
-    first = load_file(builtin_checkpoint() / "model.safetensors")
-    monkeypatch.setenv("PROMOE_BENCH_CACHE", str(tmp_path))
-    second = load_file(builtin_checkpoint() / "model.safetensors")
-    assert first.keys() == second.keys()
-    assert all(torch.equal(first[k], second[k]) for k in first)
-
-
-def test_builtin_loads_through_the_checkpoint_path():
+def test_builtin_loads_through_the_checkpoint_path_and_tokenizes_text():
     loaded = load_checkpoint(str(builtin_checkpoint()), torch.device("cpu"))
-    assert loaded.store.num_layers == CONFIG["num_hidden_layers"]
-    assert loaded.store.num_experts == CONFIG["num_local_experts"]
-    assert loaded.top_k == CONFIG["num_experts_per_tok"]
-    assert loaded.report.peak_over_checkpoint < 1.5
+    config = builtin_config()
+    assert (loaded.store.num_layers, loaded.store.num_experts, loaded.top_k) == (
+        config["num_hidden_layers"], config["num_local_experts"], config["num_experts_per_tok"])
+    ids = loaded.tokenize("Return the number of items in a container.")
+    assert loaded.tokenizer.decode(ids) == "Return the number of items in a container."
+
+
+def test_builtin_generates_deterministically_under_offloading():
+    loaded = load_checkpoint(str(builtin_checkpoint()), torch.device("cpu"))
+    ids = torch.tensor([loaded.tokenize("The list type is a mutable sequence")])
+    first, _ = run_generation(loaded, "lru", ids, 12)
+    second, _ = run_generation(loaded, "on_demand", ids, 12)
+    assert torch.equal(first.tokens, second.tokens)
+    text = loaded.tokenizer.decode(first.tokens[0])
+    assert len(text.strip()) > 0

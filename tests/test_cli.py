@@ -415,14 +415,12 @@ def test_models_lists_builtin_and_the_seven_families():
     assert "32 experts, top-4" in lines[0]
 
 
-def test_models_names_the_builtin_cache_without_building_the_model(tmp_path, monkeypatch):
-    from promoe_bench.builtin_model import cache_dir
+def test_models_names_where_the_builtin_model_is_shipped():
+    from promoe_bench.builtin_model import BUILTIN_DIR
 
-    monkeypatch.setenv("PROMOE_BENCH_CACHE", str(tmp_path / "cache"))
     result = invoke("models")
     assert result.exit_code == 0
-    assert str(cache_dir()) in result.stdout.splitlines()[0]
-    assert not (tmp_path / "cache").exists()
+    assert str(BUILTIN_DIR) in result.stdout.splitlines()[0]
 
 
 def test_version_option_prints_the_package_version():

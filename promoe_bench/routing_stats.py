@@ -1,0 +1,157 @@
+"""Routing statistics of a model on a workload: how much structure there is for caching and prediction.
+
+Generates each request's greedy continuation (batch 1) with transformers' own experts, then records,
+per token and MoE layer, the experts the router chose, and what layer l+1's router would choose on
+layer l's input (the "next layer's gate" guess of mixtral-offloading). From these, per layer:
+- usage entropy: entropy of the expert-assignment shares over log(E) (1 = perfectly even); dead experts;
+- top share: the most popular expert's share of assignments (1/E when even);
+- repeat share: of a decode token's experts, the share its previous token also used (same layer);
+- gate recall: of layer l+1's experts, the share the next-layer-gate guess from layer l finds;
+- LRU hit rate: a per-layer LRU cache of half the layer's experts, fed token by token, on decode tokens.
+"""
+
+import math
+from collections import OrderedDict
+
+import pandas as pd
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from .builtin_model import builtin_checkpoint
+from .checkpoint import resolve_checkpoint
+from .errors import UsageError
+from .families import MoELayer, find_moe_layers
+from .workloads import build_requests
+
+
+def _router(layer: MoELayer):
+    return getattr(layer.block, "router", None) or layer.block.gate
+
+
+@torch.no_grad()
+def generate_sequences(model, prompts: list[list[int]], gen_len: int) -> list[tuple[list[int], int]]:
+    """(prompt + greedy continuation, prompt length) per prompt, batch 1."""
+    sequences = []
+    for prompt in prompts:
+        ids = torch.tensor([prompt])
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=gen_len,
+                             min_new_tokens=gen_len, do_sample=False, pad_token_id=model.config.pad_token_id or 0)
+        sequences.append((out[0].tolist(), len(prompt)))
+    return sequences
+
+
+@torch.no_grad()
+def collect(model, layers: list[MoELayer], sequences: list[tuple[list[int], int]]):
+    """Per sequence: (chosen, guessed, n_prompt); chosen[l] [T, K], guessed[l] [T, K] for l < L-1.
+
+    One causal forward over the whole sequence routes every token exactly as incremental decoding
+    would, so any model can be measured on the same tokens (a random model's own greedy output
+    would be one token repeated, which says nothing about its routing)."""
+    chosen: list = [None] * len(layers)
+    guessed: list = [None] * len(layers)
+
+    def hook(index):
+        def pre_hook(module, args):
+            hidden = args[0].reshape(-1, args[0].shape[-1])  # [T, H]
+            chosen[index] = _router(layers[index])(hidden)[-1]
+            if index + 1 < len(layers):
+                guessed[index] = _router(layers[index + 1])(hidden)[-1]
+        return pre_hook
+
+    handles = [layer.block.register_forward_pre_hook(hook(layer.index)) for layer in layers]
+    results = []
+    try:
+        for ids, n_prompt in sequences:
+            model(input_ids=torch.tensor([ids]))
+            results.append((list(chosen), list(guessed[:-1]), n_prompt))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return results
+
+
+def _lru_hits(sequence: list[set], capacity: int, count_from: int) -> tuple[int, int]:
+    cache: OrderedDict = OrderedDict()
+    hits = total = 0
+    for position, experts in enumerate(sequence):
+        for expert in experts:
+            if position >= count_from:
+                total += 1
+                hits += expert in cache
+        for expert in experts:
+            if expert not in cache and len(cache) == capacity:
+                victim = next(e for e in cache if e not in experts)
+                del cache[victim]
+            cache[expert] = None
+            cache.move_to_end(expert)
+    return hits, total
+
+
+def statistics(results, num_experts: int, top_k: int) -> pd.DataFrame:
+    """One row per MoE layer, plus a final 'all' row averaging the layers."""
+    num_layers = len(results[0][0])
+    rows = []
+    for layer in range(num_layers):
+        counts = torch.zeros(num_experts)
+        repeat = repeat_n = recall = recall_n = hits = total = 0
+        for chosen, guessed, n_prompt in results:
+            picks = chosen[layer]  # [T, K]
+            counts += torch.bincount(picks.flatten(), minlength=num_experts).float()
+            sets = [set(row.tolist()) for row in picks]
+            for t in range(max(n_prompt, 1), len(sets)):
+                repeat += len(sets[t] & sets[t - 1]) / top_k
+                repeat_n += 1
+            if layer + 1 < num_layers:
+                truth = chosen[layer + 1]
+                for guess_row, true_row in zip(guessed[layer], truth, strict=True):
+                    recall += len(set(guess_row.tolist()) & set(true_row.tolist())) / top_k
+                    recall_n += 1
+            h, n = _lru_hits(sets, num_experts // 2, n_prompt)
+            hits, total = hits + h, total + n
+        shares = counts / counts.sum()
+        nonzero = shares[shares > 0]
+        rows.append({
+            "layer": layer,
+            "usage_entropy": float(-(nonzero * nonzero.log()).sum() / math.log(num_experts)),
+            "dead_experts": int((counts == 0).sum()),
+            "top_share": float(shares.max()),
+            "repeat_share": repeat / repeat_n if repeat_n else float("nan"),
+            "gate_recall": recall / recall_n if recall_n else float("nan"),
+            "lru_half_hit_rate": hits / total if total else float("nan"),
+        })
+    table = pd.DataFrame(rows)
+    mean = table.drop(columns="layer").mean(numeric_only=True)
+    mean["dead_experts"] = table["dead_experts"].sum()
+    return pd.concat([table, pd.DataFrame([{"layer": "all", **mean.to_dict()}])], ignore_index=True)
+
+
+def _statistics(model, sequences) -> pd.DataFrame:
+    layers = find_moe_layers(model)
+    results = collect(model, layers, sequences)
+    return statistics(results, layers[0].experts.num_experts, int(model.config.num_experts_per_tok))
+
+
+def routing_report(model: str, workload, compare_random: bool) -> pd.DataFrame:
+    """The statistics table of `model` on `workload` (its greedy continuations of the workload's
+    prompts); with `compare_random`, side by side with a randomly initialised model of the same
+    config (seed 0) measured on the very same token sequences."""
+    path = builtin_checkpoint() if model == "builtin" else resolve_checkpoint(model)
+    if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
+        raise UsageError(f"{path} has no tokenizer: routing statistics need text prompts")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    trained = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    prompts = build_requests(workload, lambda text: tokenizer(text)["input_ids"], trained.config.vocab_size)
+    sequences = generate_sequences(trained, prompts, workload.output_tokens)
+    table = _statistics(trained, sequences)
+    if not compare_random:
+        return table
+    torch.manual_seed(0)
+    random_model = AutoModelForCausalLM.from_config(trained.config, dtype=torch.float32).eval()
+    return table.merge(_statistics(random_model, sequences), on="layer", suffixes=("", "_random"))
+
+
+def markdown_table(table: pd.DataFrame) -> str:
+    """A Markdown table (for the model card), numbers to three decimals."""
+    cells = [[f"{v:.3f}" if isinstance(v, float) else str(v) for v in row] for row in table.itertuples(index=False)]
+    lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in cells])
