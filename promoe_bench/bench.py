@@ -112,25 +112,16 @@ def run(cfg: RunConfig) -> tuple[pd.DataFrame, Path]:
                                 cfg.cache_rate if strategy.cache_rate is None else strategy.cache_rate,
                                 strategy.gpu_memory if strategy.gpu_memory is not None else cfg.gpu_memory)
         capacities.append(strategy.capacity(store.num_experts, budget))
+    batches = make_batches(cfg.workload, loaded)  # the last input check: nothing is written before it
     writer = RunWriter(cfg.out, cfg.overwrite)
-    started = datetime.datetime.now(datetime.UTC)
     meta = {
         "status": "running",
-        "started": started.isoformat(),
+        "started": datetime.datetime.now(datetime.UTC).isoformat(),
         "config": cfg.to_json(),
         "environment": provenance.capture(device),
-        "model": {
-            "path": str(loaded.path), "family": loaded.config.model_type, "moe_layers": store.num_layers,
-            "experts_per_layer": store.num_experts, "top_k": loaded.top_k, "expert_bytes": store.layout.nbytes,
-            "dtype": str(store.layout.dtype).removeprefix("torch."), "checkpoint_bytes": loaded.report.checkpoint_bytes,
-            "expert_store_bytes": store.nbytes,
-            "load_seconds": loaded.report.seconds,
-            "tokenizer": loaded.tokenizer is not None,
-            "load_peak_rss_over_checkpoint": loaded.report.peak_over_checkpoint,
-        },
+        "model": _model_info(loaded),
         "strategies": {},
     }
-    batches = make_batches(cfg.workload, loaded)
     runs: list[StrategyRun] = []
     progress = tqdm(total=len(strategies) * (cfg.warmup + cfg.repeats) * len(batches), desc="batches",
                     unit="batch", disable=None, leave=False)
@@ -154,6 +145,17 @@ def run(cfg: RunConfig) -> tuple[pd.DataFrame, Path]:
         writer.metadata(meta)
         out = writer.publish()
     return summary, out
+
+
+def _model_info(loaded: LoadedModel) -> dict:
+    store, report = loaded.store, loaded.report
+    return {
+        "path": str(loaded.path), "family": loaded.config.model_type, "moe_layers": store.num_layers,
+        "experts_per_layer": store.num_experts, "top_k": loaded.top_k, "expert_bytes": store.layout.nbytes,
+        "dtype": str(store.layout.dtype).removeprefix("torch."), "tokenizer": loaded.tokenizer is not None,
+        "checkpoint_bytes": report.checkpoint_bytes, "expert_store_bytes": store.nbytes,
+        "load_seconds": report.seconds, "load_peak_rss_over_checkpoint": report.peak_over_checkpoint,
+    }
 
 
 def _write_tables(writer: RunWriter, runs: list[StrategyRun], cfg: RunConfig) -> pd.DataFrame:
