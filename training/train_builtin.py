@@ -4,9 +4,10 @@
 
 Corpus: the text of `pydoc_data.topics` and the docstrings of the standard library (read with `ast`,
 nothing imported), split by document into train and held-out. Tokenizer: a byte-level BPE trained
-on the train split with `tokenizers`. Model: transformers' MixtralForCausalLM with the router
-load-balancing loss on. Recipe and seed: training/builtin.toml. Writes the checkpoint in HF format
-(config.json, model.safetensors, tokenizer files) and training.json (losses, time, corpus sizes).
+on the train split with `tokenizers`. Model: transformers' MixtralForCausalLM with a router
+load-balancing loss computed per sequence (`aux_loss` in the history). Recipe and seed:
+training/builtin.toml. Writes the checkpoint in HF format (config.json, model.safetensors, tokenizer
+files) and training.json (losses, time, corpus sizes).
 """
 
 import argparse
@@ -73,6 +74,18 @@ def batches(stream: torch.Tensor, seq_len: int, batch_size: int, generator: torc
         yield torch.stack([stream[s : s + seq_len] for s in starts.tolist()])
 
 
+def sequence_balance_loss(router_logits, top_k: int, batch: int) -> torch.Tensor:
+    """Switch-style load-balancing loss per sequence, averaged over sequences and layers (value top_k
+    when perfectly even). The usual batch-wide loss lets every sequence keep to a few experts of its
+    own, which makes routing far easier to cache than a real model's."""
+    losses = []
+    for logits in router_logits:  # per layer: [B*T, E]
+        probs = logits.float().softmax(dim=-1).view(batch, -1, logits.shape[-1])  # [B, T, E]
+        routed = torch.zeros_like(probs).scatter_(-1, probs.topk(top_k, dim=-1).indices, 1.0)  # [B, T, E]
+        losses.append(logits.shape[-1] * (routed.mean(dim=1) * probs.mean(dim=1)).sum(dim=-1).mean())
+    return torch.stack(losses).mean()
+
+
 @torch.no_grad()
 def evaluate(model, stream: torch.Tensor, seq_len: int, max_batches: int = 40) -> float:
     """Mean next-token loss over consecutive windows of `stream` (the LM loss only, no aux loss)."""
@@ -127,14 +140,17 @@ def main():
     for step in range(1, steps + 1):
         batch = next(data)
         out = model(input_ids=batch, labels=batch)  # loss = LM loss + router_aux_loss_coef * aux loss
+        coef = config.router_aux_loss_coef
+        balance = sequence_balance_loss(out.router_logits, config.num_experts_per_tok, len(batch))
+        loss = out.loss - coef * out.aux_loss + coef * balance  # balance per sequence instead of per batch
         optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
         if step % train_cfg["eval_every"] == 0 or step == steps:
-            lm_loss = out.loss.item() - config.router_aux_loss_coef * out.aux_loss.item()
-            record = {"step": step, "train_loss": lm_loss, "aux_loss": out.aux_loss.item(),
+            lm_loss = out.loss.item() - coef * out.aux_loss.item()
+            record = {"step": step, "train_loss": lm_loss, "aux_loss": balance.item(),
                       "heldout_loss": evaluate(model, heldout_ids, train_cfg["seq_len"]),
                       "minutes": (time.perf_counter() - started) / 60}
             history.append(record)
