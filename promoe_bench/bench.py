@@ -53,6 +53,15 @@ def make_batches(workload: Workload, loaded: LoadedModel) -> list[Batch]:
     return batches
 
 
+def strategy_capacity(strategy, loaded: LoadedModel, cache_rate: float, gpu_memory: int | None) -> int:
+    """Cache slots per layer for `strategy`: its own cache_rate / gpu_memory over the run's, then its say."""
+    store = loaded.store
+    budget = cache_capacity(store.num_experts, loaded.top_k, store.num_layers, store.layout.nbytes,
+                            cache_rate if strategy.cache_rate is None else strategy.cache_rate,
+                            gpu_memory if strategy.gpu_memory is None else strategy.gpu_memory)
+    return strategy.capacity(store.num_experts, budget)
+
+
 def make_link(cfg: RunConfig, device: torch.device):
     if device.type == "cuda":
         return CudaLink(device)
@@ -106,12 +115,7 @@ def run(cfg: RunConfig) -> tuple[pd.DataFrame, Path]:
         raise UsageError(f"--baseline {cfg.baseline!r} is not a strategy; run `promoe-bench strategies`")
     loaded = load_model(cfg, device)
     store = loaded.store
-    capacities = []
-    for strategy in strategies:
-        budget = cache_capacity(store.num_experts, loaded.top_k, store.num_layers, store.layout.nbytes,
-                                cfg.cache_rate if strategy.cache_rate is None else strategy.cache_rate,
-                                strategy.gpu_memory if strategy.gpu_memory is not None else cfg.gpu_memory)
-        capacities.append(strategy.capacity(store.num_experts, budget))
+    capacities = [strategy_capacity(strategy, loaded, cfg.cache_rate, cfg.gpu_memory) for strategy in strategies]
     batches = make_batches(cfg.workload, loaded)  # the last input check: nothing is written before it
     writer = RunWriter(cfg.out, cfg.overwrite)
     meta = {

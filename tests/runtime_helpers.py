@@ -2,7 +2,7 @@
 
 import torch
 
-from promoe_bench.config import cache_capacity
+from promoe_bench.bench import strategy_capacity
 from promoe_bench.generation import generate
 from promoe_bench.links import EmulatedLink
 from promoe_bench.offload import OffloadRuntime
@@ -14,10 +14,7 @@ FAST_LINK = dict(gbps=50.0, latency_us=0.0)  # correctness tests need no realist
 def run_generation(loaded, spec: str, input_ids, gen_len: int, cache_rate: float = 0.5, link=None,
                    attention_mask=None):
     strategy = parse(spec)
-    store = loaded.store
-    budget = cache_capacity(store.num_experts, loaded.top_k, store.num_layers, store.layout.nbytes,
-                            cache_rate if strategy.cache_rate is None else strategy.cache_rate, None)
-    runtime = OffloadRuntime(loaded, strategy, strategy.capacity(store.num_experts, budget),
+    runtime = OffloadRuntime(loaded, strategy, strategy_capacity(strategy, loaded, cache_rate, None),
                              link or EmulatedLink(**FAST_LINK), torch.device("cpu"))
     try:
         result = generate(loaded.model, input_ids, gen_len, runtime, attention_mask=attention_mask,
