@@ -22,6 +22,8 @@ class Entry:
     chunks_ready: int = 0
     copying: bool = True  # a copy task owns the slot until every chunk has landed
     events: list = field(default_factory=list)  # per chunk, what compute waits on (CUDA events; None on CPU)
+    prefetched: bool = False  # brought in by a speculative (LOW) copy
+    used: bool = False  # computed with since it arrived
 
     @property
     def ready(self) -> bool:
@@ -29,14 +31,16 @@ class Entry:
 
 
 class ExpertCache:
-    def __init__(self, num_layers: int, capacity: int, policy: EvictionPolicy):
+    def __init__(self, num_layers: int, capacity: int, policy: EvictionPolicy, chunk_bytes: tuple[int, ...]):
         self.capacity = capacity  # slots per layer
+        self.chunk_bytes = chunk_bytes
         self.policy = policy
         self._entries: list[dict[int, Entry]] = [{} for _ in range(num_layers)]
         self._free = [list(range(layer * capacity, (layer + 1) * capacity))[::-1] for layer in range(num_layers)]
         self._pending: list[list[int]] = [[] for _ in range(num_layers)]  # execution order of the current forward
         self.in_use: set[tuple[int, int]] = set()  # (layer, expert) computed with or awaited right now
         self.evictions = [0] * num_layers
+        self.wasted_bytes = [0] * num_layers  # prefetched, then evicted or dropped before any use
 
     def lookup(self, layer: int, expert: int) -> Entry | None:
         return self._entries[layer].get(expert)
@@ -50,9 +54,10 @@ class ExpertCache:
     def computed(self, layer: int, expert: int) -> None:
         """`expert` finished its work in the current forward of `layer`."""
         self._pending[layer].remove(expert)
+        self._entries[layer][expert].used = True
         self.policy.touch(layer, expert)
 
-    def claim(self, layer: int, expert: int, last_resort: bool) -> Entry | None:
+    def claim(self, layer: int, expert: int, last_resort: bool, prefetch: bool = False) -> Entry | None:
         """A slot for `expert`, evicting if needed; None when no slot may be taken now."""
         assert expert not in self._entries[layer], f"expert {expert} of layer {layer} is already cached"
         if not self._free[layer]:
@@ -61,7 +66,7 @@ class ExpertCache:
                 return None
             self.remove(layer, victim)
             self.evictions[layer] += 1
-        entry = Entry(self._free[layer].pop())
+        entry = Entry(self._free[layer].pop(), prefetched=prefetch)
         self._entries[layer][expert] = entry
         self.policy.touch(layer, expert)  # arriving is a use: never-used newcomers are not the oldest
         return entry
@@ -69,6 +74,8 @@ class ExpertCache:
     def remove(self, layer: int, expert: int) -> Entry:
         entry = self._entries[layer].pop(expert)
         self._free[layer].append(entry.slot)
+        if entry.prefetched and not entry.used:
+            self.wasted_bytes[layer] += sum(self.chunk_bytes[: entry.chunks_ready])
         self.policy.forget(layer, expert)
         return entry
 
@@ -80,8 +87,9 @@ class ExpertCache:
         }
         pending = set(self._pending[layer])
         candidates = movable - pending
-        if candidates:
-            return self.policy.victim(layer, candidates)
+        victim = self.policy.victim(layer, candidates) if candidates else None
+        if victim is not None:
+            return victim
         if last_resort:
             for expert in reversed(self._pending[layer]):
                 if expert in movable:

@@ -2,7 +2,8 @@
 
 Scheduling (which chunk next) lives here; moving the bytes is the link's job. A task is one expert; the
 worker re-picks after every chunk of a chunked task, so a HIGH task waits at most one chunk behind a
-LOW one. Compute waits per chunk through `wait`.
+LOW one, and compute waits per chunk through `wait`. An unchunked task moves the expert's three chunks
+back to back and shows them to compute only when all have landed (the ablation of chunking).
 """
 
 import threading
@@ -78,7 +79,8 @@ class CopyEngine:
             self._cv.notify_all()
 
     def drop_low(self, layer: int) -> int:
-        """Drop `layer`'s LOW tasks; a partly copied expert gives its slot back. Returns how many."""
+        """Drop `layer`'s LOW tasks; a partly copied expert gives its slot back (an unchunked one on the
+        link lands whole first, then goes). Returns how many."""
         with self._cv:
             dropped = [t for t in self._queues[Priority.LOW] if t.layer == layer and not t.cancelled]
             for task in dropped:
@@ -163,7 +165,8 @@ class CopyEngine:
                 for task in self._queues[priority]:
                     if task.entry is None:
                         key = (task.layer, task.expert)
-                        task.entry = self.cache.claim(task.layer, task.expert, last_resort=self._awaited == key)
+                        task.entry = self.cache.claim(task.layer, task.expert, last_resort=self._awaited == key,
+                                                      prefetch=task.priority is Priority.LOW)
                     if task.entry is not None:
                         return task
             self._cv.wait()
@@ -186,10 +189,11 @@ class CopyEngine:
                     landed = self.link.copy(dst, src, self.pool.released_event(entry.slot))
                     with self._cv:
                         entry.events.append(landed)
-                        entry.chunks_ready += 1
                         self.counters.bytes[task.layer] += src.numel() * src.element_size()
-                        finished = task.cancelled or entry.ready
-                        if task.cancelled:
+                        if task.chunked or chunk + 1 == NUM_CHUNKS:  # unchunked: compute sees whole experts only
+                            entry.chunks_ready = len(entry.events)
+                        finished = entry.ready or (task.cancelled and task.chunked)
+                        if task.cancelled and finished:
                             self._forget(task)
                         elif entry.ready:
                             entry.copying = False

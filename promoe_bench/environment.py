@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from .copy_engine import Priority
+from .trace import RoutingTrace
 
 __all__ = ["Environment", "ModelShape", "Priority"]
 
@@ -22,6 +23,7 @@ class ModelShape:
 
 class Environment(Protocol):
     shape: ModelShape
+    trace: "RoutingTrace | None"  # the workload's recorded routing, given to strategies that need it
 
     def is_resident(self, layer: int, expert: int) -> bool:
         """Every chunk of the expert is in its device slot."""
@@ -38,3 +40,10 @@ class Environment(Protocol):
 
     def evict(self, layer: int, expert: int) -> None:
         """Free the expert's slot now (ignored while it is being copied or used)."""
+
+    def predict(self, layer: int, target: int, predictor: str) -> list[int]:
+        """From `layer`'s input (known since on_layer_input), the experts `predictor` (learned, gate or
+        oracle) expects `target` > `layer` to route in this step, the surest first."""
+
+    def position(self, layer: int) -> int:
+        """How many forwards of `layer` have been routed so far (for policies that read the trace)."""

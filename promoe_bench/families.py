@@ -54,3 +54,8 @@ def find_moe_layers(model: nn.Module) -> list[MoELayer]:
         block = modules[name.rsplit(".", 1)[0]]
         layers.append(MoELayer(len(layers), int(match.group(1)), name, module, block))
     return layers
+
+
+def router_of(layer: MoELayer) -> nn.Module:
+    """The layer's router; every supported family's returns (logits, weights, top-k indices)."""
+    return getattr(layer.block, "router", None) or layer.block.gate

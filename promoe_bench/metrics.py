@@ -41,6 +41,9 @@ class _LayerStamps:
     stalls: list = None  # (start, end) pairs around waits for copies
     routed: tuple = ()  # distinct experts in routing order
     hits: int = 0
+    late: frozenset = frozenset()  # routed experts compute had to wait for
+    predicted: tuple | None = None  # what a predictor guessed for this layer, when one did
+    predict_s: float = 0.0  # spent predicting later layers from this layer's input
 
 
 class StepRecorder:
@@ -70,13 +73,20 @@ class StepRecorder:
     def stall(self, layer: int, start, end) -> None:
         self._layers[layer].stalls.append((start, end))
 
-    def experts_end(self, layer: int) -> None:
-        self._layers[layer].experts_end = self.clock.stamp()
+    def predicted(self, source: int, target: int, experts: list[int], seconds: float) -> None:
+        earlier = self._layers[target].predicted or ()  # several sources may guess one target: the union
+        self._layers[target].predicted = tuple(dict.fromkeys(earlier + tuple(experts)))
+        self._layers[source].predict_s += seconds
+
+    def experts_end(self, layer: int, late: set[int]) -> None:
+        stamps = self._layers[layer]
+        stamps.experts_end = self.clock.stamp()
+        stamps.late = frozenset(late)
 
     def block_end(self, layer: int) -> None:
         self._layers[layer].block_end = self.clock.stamp()
 
-    def finish_step(self, copies: list[int], nbytes: list[int], evictions: list[int]) -> float:
+    def finish_step(self, copies: list[int], nbytes: list[int], evictions: list[int], wasted: list[int]) -> float:
         """Resolve the step's stamps (after clock.sync()) into rows; returns the step's seconds."""
         step_end = self.clock.stamp()
         self.clock.sync()
@@ -84,6 +94,7 @@ class StepRecorder:
         previous_end = self._step_start
         for layer, stamps in enumerate(self._layers):
             stall = sum(seconds(a, b) for a, b in stamps.stalls)
+            predicted = set(stamps.predicted or ()) & set(stamps.routed)
             self.rows.append(
                 {
                     **self._context,
@@ -98,6 +109,13 @@ class StepRecorder:
                     "copies": copies[layer],
                     "bytes": nbytes[layer],
                     "evictions": evictions[layer],
+                    "ready": len(stamps.routed) - len(stamps.late),
+                    # prediction: blank when nothing predicted this layer in this step
+                    "predicted": " ".join(map(str, stamps.predicted)) if stamps.predicted is not None else "",
+                    "predicted_used": len(predicted) if stamps.predicted is not None else None,
+                    "predicted_ready": len(predicted - stamps.late) if stamps.predicted is not None else None,
+                    "predict_s": stamps.predict_s,
+                    "wasted_bytes": wasted[layer],
                 }
             )
             previous_end = stamps.block_end

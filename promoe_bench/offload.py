@@ -5,6 +5,8 @@ layer's input is ready: the moment to predict and prefetch) and an experts imple
 with transformers' ExpertsInterface (the router has chosen: request, order, wait, compute).
 """
 
+import time
+
 import torch
 import torch.nn.functional as F
 from transformers.integrations.moe import ExpertsInterface
@@ -14,7 +16,9 @@ from .checkpoint import LoadedModel
 from .copy_engine import CopyEngine, Priority
 from .environment import ModelShape
 from .metrics import Clock, StepRecorder
+from .predictors import GatePredictor, rank
 from .slot_pool import SlotPool
+from .trace import RoutingTrace
 
 IMPLEMENTATION = "promoe_offload"
 
@@ -31,12 +35,21 @@ ExpertsInterface.register(IMPLEMENTATION, offloaded_experts_forward)
 class OffloadRuntime:
     """Implements the strategies' Environment on a real model; one instance per strategy run."""
 
-    def __init__(self, loaded: LoadedModel, strategy, capacity: int, link, device: torch.device):
+    def __init__(self, loaded: LoadedModel, strategy, capacity: int, link, device: torch.device,
+                 predictors: dict | None = None, trace: RoutingTrace | None = None):
+        """`predictors`: name -> predictor beyond `gate` (e.g. `learned`); `trace`: the workload's
+        recorded routing, for the oracle predictor and policies that read the future."""
         self.loaded = loaded
         self.strategy = strategy
         store = loaded.store
         self.shape = ModelShape(store.num_layers, store.num_experts, loaded.top_k, store.layout.nbytes, capacity)
-        self.cache = ExpertCache(store.num_layers, capacity, strategy.eviction_policy(self.shape))
+        self.trace = trace
+        self.predictors = {"gate": GatePredictor(loaded.layers), **(predictors or {})}
+        self._positions = [0] * store.num_layers  # forwards routed so far, per layer
+        self._inputs: list = [None] * store.num_layers  # each layer's input in the current forward
+        self._predict_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        chunk_bytes = tuple(store.layout.chunk_numel(c) * store.layout.dtype.itemsize for c in range(3))
+        self.cache = ExpertCache(store.num_layers, capacity, strategy.eviction_policy(self), chunk_bytes)
         self.pool = SlotPool(store.num_layers * capacity, store.layout, device)
         self.engine = CopyEngine(store, self.pool, self.cache, link)
         self.link = link
@@ -69,12 +82,31 @@ class OffloadRuntime:
     def evict(self, layer: int, expert: int) -> None:
         self.engine.evict(layer, expert)
 
+    def position(self, layer: int) -> int:
+        return self._positions[layer]
+
+    def predict(self, layer: int, target: int, predictor: str) -> list[int]:
+        start = time.perf_counter()
+        if predictor == "oracle":
+            if self.trace is None:
+                raise RuntimeError("the oracle predictor needs the workload's recorded routing")
+            ranked = list(self.trace.at(target, self._positions[target]))
+        elif self._predict_stream is not None:  # off the compute stream; the host waits for the result
+            self._predict_stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self._predict_stream):
+                ranked = rank(self.predictors[predictor](layer, target, self._inputs[layer]), self.shape.num_experts)
+        else:
+            ranked = rank(self.predictors[predictor](layer, target, self._inputs[layer]), self.shape.num_experts)
+        self.recorder.predicted(layer, target, ranked, time.perf_counter() - start)
+        return ranked
+
     # -- hooks ---------------------------------------------------------------------------------
 
     def _block_pre_hook(self, layer: int):
         def hook(module, args):
             self.recorder.block_start(layer)
-            self.strategy.on_layer_input(self, layer, args[0])
+            self._inputs[layer] = args[0]
+            self.strategy.on_layer_input(self, layer)
 
         return hook
 
@@ -90,15 +122,19 @@ class OffloadRuntime:
         routed = list(dict.fromkeys(top_k_index.flatten().tolist()))
         hits = sum(self.is_resident(layer, e) for e in routed)
         self.recorder.router_end(layer, routed, hits)
+        self._positions[layer] += 1
         order = self.strategy.on_router(self, layer, routed)
         assert sorted(order) == sorted(routed), f"{self.strategy.name} must run each routed expert once"
         self.engine.begin_forward(layer, order)
         output = torch.zeros_like(hidden_states)
+        late = set()  # experts compute had to wait for
         for expert in order:
             token_idx, k_pos = torch.where(top_k_index == expert)  # [n], [n]
-            slot = self._wait(layer, expert, 2).slot  # gate and up landed; down may still be copying
+            entry, stalled = self._wait(layer, expert, 2)  # gate and up landed; down may still be copying
+            slot = entry.slot
             gate_up = self._gate_up(slot, module, hidden_states[token_idx])  # [n, 2I]
-            self._wait(layer, expert, 3)
+            if self._wait(layer, expert, 3)[1] or stalled:
+                late.add(expert)
             down, down_bias = self.pool.views(slot)[2]
             hidden = module._apply_gate(gate_up)  # [n, I]
             out = hidden @ down if module.is_transposed else F.linear(hidden, down)  # [n, H]
@@ -108,7 +144,7 @@ class OffloadRuntime:
             self.pool.mark_released(slot)
             self.engine.release(layer, expert)
         self.strategy.after_layer(self, layer, order)
-        self.recorder.experts_end(layer)
+        self.recorder.experts_end(layer, late)
         return output
 
     def _gate_up(self, slot, module, x):
@@ -132,13 +168,13 @@ class OffloadRuntime:
             torch.cuda.current_stream().wait_event(entry.events[chunks - 1])
         if stalled:
             self.recorder.stall(layer, start, self.recorder.clock.stamp())
-        return entry
+        return entry, stalled
 
     # -- steps -----------------------------------------------------------------------------------
 
     def _counters(self):
         counters = self.engine.counters
-        return list(counters.copies), list(counters.bytes), list(self.cache.evictions)
+        return list(counters.copies), list(counters.bytes), list(self.cache.evictions), list(self.cache.wasted_bytes)
 
     def finish_step(self) -> float:
         """Close the step's records; copy counters are attributed to the step in which they landed."""

@@ -6,6 +6,7 @@ which experts may be candidates at all (never one being copied or computed with)
 
 from abc import ABC, abstractmethod
 from collections import OrderedDict
+from collections.abc import Callable
 
 
 class EvictionPolicy(ABC):
@@ -18,8 +19,8 @@ class EvictionPolicy(ABC):
         """`expert` left the cache."""
 
     @abstractmethod
-    def victim(self, layer: int, candidates: set[int]) -> int:
-        """The candidate to evict; `candidates` is never empty."""
+    def victim(self, layer: int, candidates: set[int]) -> int | None:
+        """The candidate to evict (`candidates` is never empty), or None: none of them may go."""
 
 
 class LRU(EvictionPolicy):
@@ -40,3 +41,35 @@ class LRU(EvictionPolicy):
             if expert in candidates:
                 return expert
         return min(candidates)  # never used since it arrived: any order is as good; keep it deterministic
+
+
+class Static(LRU):
+    """A pinned set per layer never leaves; the other slots (the spares) are LRU among themselves."""
+
+    def __init__(self, pinned: list[set[int]]):
+        super().__init__(len(pinned))
+        self.pinned = pinned
+
+    def victim(self, layer, candidates):
+        spare = candidates - self.pinned[layer]
+        return super().victim(layer, spare) if spare else None
+
+
+class Belady(EvictionPolicy):
+    """Evict the expert whose next use is farthest away (Belady's MIN), from a recorded routing trace.
+
+    `position(layer)` is how many forwards of the layer have been routed: the forward in progress has
+    its experts protected by the cache, so "next use" counts from the forward after it."""
+
+    def __init__(self, trace, position: Callable[[int], int]):
+        self.trace, self.position = trace, position
+
+    def touch(self, layer, expert):
+        pass
+
+    def forget(self, layer, expert):
+        pass
+
+    def victim(self, layer, candidates):
+        here = self.position(layer)
+        return max(sorted(candidates), key=lambda e: self.trace.next_use(layer, e, here))

@@ -6,7 +6,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
 
-from promoe_bench.environment import Environment, ModelShape
+from promoe_bench.environment import Environment
 from promoe_bench.policies import LRU, EvictionPolicy
 
 
@@ -30,13 +30,23 @@ class Strategy(ABC):
         """Cache slots per layer, given how many the memory budget allows."""
         return budgeted
 
-    def eviction_policy(self, shape: ModelShape) -> EvictionPolicy:
-        return LRU(shape.num_layers)
+    @property
+    def predictors(self) -> set[str]:
+        """Predictors the strategy will ask the environment for (learned, gate, oracle)."""
+        return set()
+
+    @property
+    def needs_trace(self) -> bool:
+        """The strategy reads the workload's recorded routing (env.trace)."""
+        return "oracle" in self.predictors
+
+    def eviction_policy(self, env: Environment) -> EvictionPolicy:
+        return LRU(env.shape.num_layers)
 
     def setup(self, env: Environment) -> None:
         """Before the first token: warm the cache if the strategy wants to."""
 
-    def on_layer_input(self, env: Environment, layer: int, hidden) -> None:
+    def on_layer_input(self, env: Environment, layer: int) -> None:
         """The input of `layer` is known: the moment to predict and prefetch later layers."""
 
     @abstractmethod

@@ -9,11 +9,12 @@ from promoe_bench.policies import LRU
 
 NUM_LAYERS = 2
 CAPACITY = 3
+CHUNK_BYTES = (100, 100, 50)
 
 
 @pytest.fixture
 def cache():
-    return ExpertCache(NUM_LAYERS, CAPACITY, LRU(NUM_LAYERS))
+    return ExpertCache(NUM_LAYERS, CAPACITY, LRU(NUM_LAYERS), CHUNK_BYTES)
 
 
 def fill(cache, layer, experts, copying=False):

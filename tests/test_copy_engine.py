@@ -95,7 +95,8 @@ def make_engine():
     def make(link, num_layers=2, num_experts=8, capacity=2, cache_cls=ExpertCache):
         store = make_store(num_layers, num_experts)
         pool = SlotPool(num_layers * capacity, LAYOUT, torch.device("cpu"))
-        cache = cache_cls(num_layers, capacity, LRU(num_layers))
+        chunk_bytes = tuple(LAYOUT.chunk_numel(c) * LAYOUT.dtype.itemsize for c in range(3))
+        cache = cache_cls(num_layers, capacity, LRU(num_layers), chunk_bytes)
         engine = CopyEngine(store, pool, cache, link)
         made.append((engine, link))
         return SimpleNamespace(store=store, pool=pool, cache=cache, engine=engine, link=link)
@@ -384,8 +385,8 @@ class SignallingCache(ExpertCache):
         super().__init__(*args)
         self.refused = threading.Event()
 
-    def claim(self, layer, expert, last_resort):
-        entry = super().claim(layer, expert, last_resort)
+    def claim(self, layer, expert, last_resort, prefetch=False):
+        entry = super().claim(layer, expert, last_resort, prefetch)
         if entry is None:
             self.refused.set()
         return entry

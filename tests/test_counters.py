@@ -31,8 +31,8 @@ def capacity_checked(monkeypatch):
     """Fail the moment any layer holds more experts than its slots."""
     original = ExpertCache.claim
 
-    def claim(self, layer, expert, last_resort):
-        entry = original(self, layer, expert, last_resort)
+    def claim(self, layer, expert, last_resort, prefetch=False):
+        entry = original(self, layer, expert, last_resort, prefetch)
         assert len(self.residents(layer)) <= self.capacity, f"layer {layer} over capacity"
         return entry
 

@@ -1,0 +1,128 @@
+"""Expert predictors: from the input hidden state of MoE layer l, guess the experts of layer l+d.
+
+A predictor maps (source layer, target layer, hidden [..., H]) to per-token guesses [T, K]; the runtime
+turns those into one ranked list for the batch. Two work on hidden states:
+- `gate`: layer l+d's own router applied to layer l's input (mixtral-offloading's skip-gate heuristic);
+- `learned`: ProMoE's two-layer MLP per (l, d), trained offline by `promoe-bench train-predictor`.
+The third, `oracle`, needs no hidden state: it reads the recorded routing (promoe_bench.trace).
+
+Learned predictors are saved as `predictors.safetensors` beside `predictors.json` (model fingerprint,
+distances, sizes, per-pair eval recall), and refuse to load for another model.
+"""
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .errors import UsageError
+from .families import MoELayer, router_of
+
+WEIGHTS = "predictors.safetensors"
+METADATA = "predictors.json"
+PREDICTOR_NAMES = ("learned", "gate", "oracle")
+
+
+class GatePredictor:
+    def __init__(self, layers: list[MoELayer]):
+        self.layers = layers
+
+    @torch.no_grad()
+    def __call__(self, source: int, target: int, hidden: torch.Tensor) -> torch.Tensor:
+        picks = router_of(self.layers[target])(hidden)[-1]
+        return picks.reshape(-1, picks.shape[-1])  # [T, K]
+
+
+class PredictorMLP(nn.Module):
+    """ProMoE's predictor: hidden state -> scores over the target layer's experts."""
+
+    def __init__(self, hidden_size: int, width: int, num_experts: int, dropout: float = 0.1):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(hidden_size, width), nn.ReLU(), nn.Dropout(dropout),
+                                 nn.Linear(width, num_experts))
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.net(hidden)
+
+
+def model_fingerprint(config, layers: list[MoELayer]) -> str:
+    """Identifies a model's routing: its shape and every router's weights (cheap even for big models)."""
+    digest = hashlib.sha256()
+    shape = {"model_type": config.model_type, "hidden_size": config.hidden_size, "moe_layers": len(layers),
+             "experts": layers[0].experts.num_experts, "top_k": int(config.num_experts_per_tok)}
+    digest.update(json.dumps(shape, sort_keys=True).encode())
+    for layer in layers:
+        for name, tensor in sorted(router_of(layer).state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+@dataclass
+class LearnedPredictors:
+    mlps: dict[tuple[int, int], PredictorMLP]  # (source layer, distance) -> MLP
+    top_k: int
+    meta: dict  # what predictors.json holds
+
+    @property
+    def distances(self) -> list[int]:
+        return sorted({d for _, d in self.mlps})
+
+    def to(self, device: torch.device) -> "LearnedPredictors":
+        for mlp in self.mlps.values():
+            mlp.to(device).eval()
+        return self
+
+    @torch.no_grad()
+    def __call__(self, source: int, target: int, hidden: torch.Tensor) -> torch.Tensor:
+        mlp = self.mlps[(source, target - source)]
+        flat = hidden.reshape(-1, hidden.shape[-1]).to(mlp.net[0].weight.dtype)
+        return mlp(flat).topk(self.top_k, dim=-1).indices  # [T, K]
+
+    def save(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {f"l{src}_d{d}.{name}": t.detach().cpu().contiguous()
+                   for (src, d), mlp in self.mlps.items() for name, t in mlp.state_dict().items()}
+        save_file(tensors, folder / WEIGHTS)
+        (folder / METADATA).write_text(json.dumps(self.meta, indent=2) + "\n")
+
+
+def load_predictors(folder: Path, fingerprint: str) -> LearnedPredictors:
+    """The learned predictors in `folder`, refused unless they were trained for the model `fingerprint`."""
+    weights, meta_path = folder / WEIGHTS, folder / METADATA
+    if not weights.is_file() or not meta_path.is_file():
+        raise UsageError(f"{folder} holds no trained predictors ({WEIGHTS} and {METADATA}); "
+                         f"make them with `promoe-bench train-predictor --out {folder}`")
+    try:
+        meta = json.loads(meta_path.read_text())
+        made_for, sizes = meta["fingerprint"], meta["sizes"]
+        hidden, width, experts = sizes["hidden_size"], sizes["width"], sizes["num_experts"]
+        pairs = [(int(src), int(d)) for src, d in meta["pairs"]]
+        top_k = int(meta["top_k"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise UsageError(f"{meta_path}: not a predictors file of promoe-bench ({type(error).__name__}: {error})") from None
+    if made_for != fingerprint:
+        raise UsageError(f"predictors in {folder} were trained for another model (fingerprint {made_for}, this "
+                         f"model is {fingerprint}); train new ones with `promoe-bench train-predictor`")
+    state = load_file(weights)
+    mlps = {}
+    for src, d in pairs:
+        mlp = PredictorMLP(hidden, width, experts)
+        prefix = f"l{src}_d{d}."
+        try:
+            mlp.load_state_dict({k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)})
+        except RuntimeError as error:
+            raise UsageError(f"{weights}: predictor l{src}->l{src + d} does not match {METADATA}: "
+                             f"{str(error).splitlines()[0]}") from None
+        mlps[(src, d)] = mlp.eval()
+    return LearnedPredictors(mlps, top_k, meta)
+
+
+def rank(picks: torch.Tensor, num_experts: int) -> list[int]:
+    """Per-token guesses [T, K] -> the experts guessed for the batch, most votes first (ties: lower id)."""
+    votes = torch.bincount(picks.flatten().cpu(), minlength=num_experts).tolist()
+    return sorted((e for e in range(num_experts) if votes[e]), key=lambda e: -votes[e])
