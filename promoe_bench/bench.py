@@ -1,5 +1,6 @@
 """`promoe-bench run`: every strategy on the same prompts and seed, one run folder for all of them."""
 
+import dataclasses
 import datetime
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,16 +10,18 @@ import torch
 from tqdm import tqdm
 
 from . import provenance
-from .builtin_model import builtin_checkpoint
+from .builtin_model import BUILTIN_DIR, builtin_checkpoint
 from .checkpoint import LoadedModel, load_checkpoint
 from .config import RunConfig, cache_capacity
 from .errors import UsageError
 from .generation import generate, left_pad
 from .links import CudaLink, EmulatedLink
 from .offload import OffloadRuntime
+from .predictors import LearnedPredictors, load_predictors, model_fingerprint
 from .results import RunWriter
 from .strategies import available, resolve
 from .summary import summarize
+from .trace import RoutingTrace
 from .workloads import Workload, build_requests
 
 
@@ -69,9 +72,9 @@ def make_link(cfg: RunConfig, device: torch.device):
 
 
 def run_strategy(loaded: LoadedModel, strategy, capacity: int, cfg: RunConfig, device, batches: list[Batch],
-                 progress) -> StrategyRun:
+                 progress, predictors: dict | None = None, trace: RoutingTrace | None = None) -> StrategyRun:
     link = make_link(cfg, device)
-    runtime = OffloadRuntime(loaded, strategy, capacity, link, device)
+    runtime = OffloadRuntime(loaded, strategy, capacity, link, device, predictors, trace)
     gen_len = cfg.workload.output_tokens
     requests, steps, tokens = [], [], []
     try:
@@ -100,6 +103,49 @@ def run_strategy(loaded: LoadedModel, strategy, capacity: int, cfg: RunConfig, d
                        {**link.describe(), "achieved_gbps": link.counters.achieved_gbps})
 
 
+def routing_trace(strategy_run: StrategyRun) -> RoutingTrace:
+    """The routing of one repeat of a run (greedy decoding routes every repeat alike)."""
+    layers = pd.DataFrame(strategy_run.layers)
+    return RoutingTrace.from_layer_rows(layers[layers["repeat"] == layers["repeat"].max()])
+
+
+def record_routing(loaded: LoadedModel, cfg: RunConfig, device, batches: list[Batch]) -> RoutingTrace:
+    """A full_gpu pass over the workload, unreported, for strategies that read the routing."""
+    quiet = tqdm(disable=True)
+    once = dataclasses.replace(cfg, warmup=0, repeats=1)
+    full = resolve("full_gpu")[0]
+    return routing_trace(run_strategy(loaded, full, loaded.store.num_experts, once, device, batches, quiet))
+
+
+def default_predictors(cfg: RunConfig, loaded: LoadedModel) -> Path:
+    """Where a model's learned predictors are looked for without --predictors."""
+    return BUILTIN_DIR / "predictors" if cfg.model == "builtin" else Path(loaded.path) / "promoe_predictors"
+
+
+def learned_predictors(cfg: RunConfig, loaded: LoadedModel, strategies) -> LearnedPredictors | None:
+    """The learned predictors, when a strategy predicts with them; every (source, target) pair the
+    strategies will ask for must have been trained."""
+    users = [s for s in strategies if "learned" in s.predictors]
+    if not users:
+        return None
+    folder = cfg.predictors or default_predictors(cfg, loaded)
+    if not folder.exists():
+        raise UsageError(
+            f"{users[0].label} predicts with learned predictors and {cfg.model} has none (looked in {folder}): "
+            f"train them with `promoe-bench train-predictor --model {cfg.model} --workload chat --out DIR` and "
+            f"pass --predictors DIR, or run {users[0].name}[predictor=gate]")
+    predictors = load_predictors(folder, model_fingerprint(loaded.config, loaded.layers))
+    num_layers = loaded.store.num_layers
+    for strategy in users:
+        for source in range(num_layers):
+            for target in strategy.targets(source, num_layers):
+                if (source, target - source) not in predictors.mlps:
+                    raise UsageError(f"{strategy.label} needs a predictor from layer {source} to layer {target}, "
+                                     f"which {folder} lacks (trained distances: {predictors.distances}); "
+                                     f"retrain with `--distance 1..{target - source}`")
+    return predictors.to(cfg.torch_device())
+
+
 def load_model(cfg: RunConfig, device: torch.device) -> LoadedModel:
     path = str(builtin_checkpoint()) if cfg.model == "builtin" else cfg.model
     return load_checkpoint(path, device, cfg.dtype)
@@ -108,6 +154,8 @@ def load_model(cfg: RunConfig, device: torch.device) -> LoadedModel:
 def run(cfg: RunConfig) -> tuple[pd.DataFrame, Path]:
     device = cfg.torch_device()
     strategies = resolve(cfg.strategies)  # unknown names fail before anything is loaded or written
+    # full_gpu first: its routing is the trace that oracle and static read
+    strategies.sort(key=lambda s: s.label != "full_gpu")
     labels = [s.label for s in strategies]
     if len(set(labels)) != len(labels):
         raise UsageError(f"a strategy is listed twice: {', '.join(labels)}")
@@ -116,6 +164,7 @@ def run(cfg: RunConfig) -> tuple[pd.DataFrame, Path]:
     loaded = load_model(cfg, device)
     store = loaded.store
     capacities = [strategy_capacity(strategy, loaded, cfg.cache_rate, cfg.gpu_memory) for strategy in strategies]
+    learned = learned_predictors(cfg, loaded, strategies)
     batches = make_batches(cfg.workload, loaded)  # the last input check: nothing is written before it
     writer = RunWriter(cfg.out, cfg.overwrite)
     meta = {
@@ -129,10 +178,20 @@ def run(cfg: RunConfig) -> tuple[pd.DataFrame, Path]:
     runs: list[StrategyRun] = []
     progress = tqdm(total=len(strategies) * (cfg.warmup + cfg.repeats) * len(batches), desc="batches",
                     unit="batch", disable=None, leave=False)
+    trace = None
+    predictors = {"learned": learned} if learned is not None else {}
     try:
         for strategy, capacity in zip(strategies, capacities, strict=True):
             progress.set_postfix_str(strategy.label)
-            runs.append(run_strategy(loaded, strategy, capacity, cfg, device, batches, progress))
+            if strategy.needs_trace and trace is None:
+                progress.set_postfix_str("recording routing")
+                trace = record_routing(loaded, cfg, device, batches)
+                meta["trace"] = "recorded by an unreported full_gpu pass"
+            runs.append(run_strategy(loaded, strategy, capacity, cfg, device, batches, progress, predictors,
+                                     trace if strategy.needs_trace else None))
+            if strategy.label == "full_gpu":
+                trace = routing_trace(runs[-1])
+                meta["trace"] = "recorded by the full_gpu run"
             meta["strategies"][strategy.label] = {"cache_slots_per_layer": capacity,
                                                   "cache_bytes": capacity * store.num_layers * store.layout.nbytes,
                                                   "link": runs[-1].link}

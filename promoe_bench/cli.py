@@ -52,6 +52,8 @@ def main():
 @click.option("--repeats", type=int, default=3, show_default=True, help="Measured repeats.")
 @click.option("--warmup", type=int, default=1, show_default=True, help="Warm-up repeats, recorded and excluded.")
 @click.option("--baseline", default="lru", show_default=True, help="Strategy the speedups are measured against.")
+@click.option("--predictors", type=click.Path(path_type=Path), default=None,
+              help="Folder of learned predictors (from train-predictor); default: the model's own.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs/latest"), show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace a run already in --out.")
 def run(**options):
@@ -120,6 +122,52 @@ def routing_stats(model, workload, num_requests, gen_len, compare_random):
 
     chosen = load_workload(workload).with_overrides(num_requests=num_requests, output_tokens=gen_len)
     click.echo(markdown_table(routing_report(model, chosen, compare_random)))
+
+
+@main.command("train-predictor")
+@click.option("--model", default="builtin", show_default=True, help="Checkpoint folder, hub id, or 'builtin'.")
+@click.option("--workload", default="chat", show_default=True, help="Whose prompts' routing to learn.")
+@click.option("--num-requests", type=int, default=None, help="Override the workload's request count.")
+@click.option("--gen-len", type=int, default=None, help="Override the workload's output tokens.")
+@click.option("--exclude-workload", multiple=True,
+              help="Leave out the prompts this workload uses (keep benchmark prompts out of training).")
+@click.option("--distance", default="1..3", show_default=True, help="Layers ahead: N, A..B or A,B.")
+@click.option("--width", type=int, default=None, help="MLP hidden width [default: min(1024, 2 x hidden size)].")
+@click.option("--seed", type=int, default=0, show_default=True, help="Split and initialisation seed.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for the predictors.")
+@click.option("--overwrite", is_flag=True, help="Replace predictors already in --out.")
+def train_predictor(model, workload, num_requests, gen_len, exclude_workload, distance, width, seed, device, out,
+                    overwrite):
+    """Train ProMoE's learned predictors (layer l's input -> layer l+d's experts) on a workload."""
+    from .builtin_model import builtin_checkpoint
+    from .checkpoint import resolve_checkpoint
+    from .predictor_training import parse_distances, train_predictors
+    from .predictors import METADATA, WEIGHTS
+    from .workloads import load_workload
+
+    distances = parse_distances(distance)
+    if width is not None and width < 1:
+        raise UsageError(f"--width must be at least 1, got {width}")
+    if out.is_file():
+        raise UsageError(f"--out {out} is a file; give a folder")
+    if not overwrite and any((out / name).exists() for name in (WEIGHTS, METADATA)):
+        raise UsageError(f"{out} already holds predictors; pass --overwrite to replace them")
+    chosen = load_workload(workload).with_overrides(num_requests=num_requests, output_tokens=gen_len)
+    excluded = [load_workload(name) for name in exclude_workload]
+    path = builtin_checkpoint() if model == "builtin" else resolve_checkpoint(model)
+    config = RunConfig(device=device)  # validates --device
+    predictors = train_predictors(path, chosen, distances, width, seed, config.torch_device(), excluded,
+                                  progress=True)
+    predictors.save(out)
+    meta = predictors.meta
+    click.echo(f"trained {len(predictors.mlps)} predictors on {meta['tokens']['train']} tokens "
+               f"({meta['requests']['train']} requests) in {meta['seconds']} s; eval recall@{meta['top_k']} "
+               f"on {meta['tokens']['eval']} tokens of {meta['requests']['eval']} held-out requests:")
+    click.echo(f"{'source':>6} {'target':>6} {'learned':>8} {'gate':>6}")
+    for row in meta["eval"]:
+        click.echo(f"{row['source']:>6} {row['target']:>6} {row['recall']:>8.3f} {row['gate_recall']:>6.3f}")
+    click.echo(f"wrote {out}")
 
 
 @main.command()

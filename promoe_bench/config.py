@@ -47,6 +47,7 @@ class RunConfig:
     repeats: int = 3
     warmup: int = 1
     baseline: str = "lru"
+    predictors: Path | None = None  # learned predictors' folder; default: beside the model
     out: Path = Path("runs/latest")
     overwrite: bool = False
 

@@ -112,7 +112,7 @@ class StepRecorder:
                     "ready": len(stamps.routed) - len(stamps.late),
                     # prediction: blank when nothing predicted this layer in this step
                     "predicted": " ".join(map(str, stamps.predicted)) if stamps.predicted is not None else "",
-                    "predicted_used": len(predicted) if stamps.predicted is not None else None,
+                    "predicted_correct": len(predicted) if stamps.predicted is not None else None,
                     "predicted_ready": len(predicted - stamps.late) if stamps.predicted is not None else None,
                     "predict_s": stamps.predict_s,
                     "wasted_bytes": wasted[layer],

@@ -104,7 +104,8 @@ def load_predictors(folder: Path, fingerprint: str) -> LearnedPredictors:
         pairs = [(int(src), int(d)) for src, d in meta["pairs"]]
         top_k = int(meta["top_k"])
     except (ValueError, KeyError, TypeError) as error:
-        raise UsageError(f"{meta_path}: not a predictors file of promoe-bench ({type(error).__name__}: {error})") from None
+        raise UsageError(f"{meta_path}: not a predictors file of promoe-bench "
+                         f"({type(error).__name__}: {error})") from None
     if made_for != fingerprint:
         raise UsageError(f"predictors in {folder} were trained for another model (fingerprint {made_for}, this "
                          f"model is {fingerprint}); train new ones with `promoe-bench train-predictor`")

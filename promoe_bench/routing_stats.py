@@ -20,53 +20,22 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from .builtin_model import builtin_checkpoint
 from .checkpoint import resolve_checkpoint
 from .errors import UsageError
-from .families import MoELayer, find_moe_layers
+from .families import MoELayer, find_moe_layers, router_of
+from .predictor_training import capture, generate_sequences
 from .workloads import build_requests
-
-
-def _router(layer: MoELayer):
-    return getattr(layer.block, "router", None) or layer.block.gate
-
-
-@torch.no_grad()
-def generate_sequences(model, prompts: list[list[int]], gen_len: int) -> list[tuple[list[int], int]]:
-    """(prompt + greedy continuation, prompt length) per prompt, batch 1."""
-    sequences = []
-    for prompt in prompts:
-        ids = torch.tensor([prompt])
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=gen_len,
-                             min_new_tokens=gen_len, do_sample=False, pad_token_id=model.config.pad_token_id or 0)
-        sequences.append((out[0].tolist(), len(prompt)))
-    return sequences
 
 
 @torch.no_grad()
 def collect(model, layers: list[MoELayer], sequences: list[tuple[list[int], int]]):
     """Per sequence: (chosen, guessed, n_prompt); chosen[l] [T, K], guessed[l] [T, K] for l < L-1.
 
-    One causal forward over the whole sequence routes every token exactly as incremental decoding
-    would, so any model can be measured on the same tokens (a random model's own greedy output
-    would be one token repeated, which says nothing about its routing)."""
-    chosen: list = [None] * len(layers)
-    guessed: list = [None] * len(layers)
-
-    def hook(index):
-        def pre_hook(module, args):
-            hidden = args[0].reshape(-1, args[0].shape[-1])  # [T, H]
-            chosen[index] = _router(layers[index])(hidden)[-1]
-            if index + 1 < len(layers):
-                guessed[index] = _router(layers[index + 1])(hidden)[-1]
-        return pre_hook
-
-    handles = [layer.block.register_forward_pre_hook(hook(layer.index)) for layer in layers]
+    Teacher-forced over each whole sequence (see predictor_training.capture), so any model can be
+    measured on the same tokens (a random model's own greedy output would be one token repeated,
+    which says nothing about its routing)."""
     results = []
-    try:
-        for ids, n_prompt in sequences:
-            model(input_ids=torch.tensor([ids]))
-            results.append((list(chosen), list(guessed[:-1]), n_prompt))
-    finally:
-        for handle in handles:
-            handle.remove()
+    for hidden, chosen, n_prompt in capture(model, layers, sequences):
+        guessed = [router_of(layers[i + 1])(hidden[i])[-1] for i in range(len(layers) - 1)]
+        results.append((chosen, guessed, n_prompt))
     return results
 
 

@@ -2,6 +2,11 @@
 
 Measured repeats only (warm-up excluded). TTFT and TPOT are medians over requests; tokens/s are
 totals over the measured steps (prompt tokens over prefill time; generated tokens over decode time).
+Prediction figures are over decode steps of the layers a predictor guessed (in prefill nearly every
+expert is routed, so any guess looks right): recall = routed experts guessed / routed; fetch rate =
+of those guessed right, the share ready when compute needed them; good_pred = recall x fetch rate.
+ready_rate = routed experts ready when compute needed them, all steps; wasted = prefetched bytes
+evicted or dropped before any use.
 """
 
 import pandas as pd
@@ -20,6 +25,9 @@ def summarize(requests: pd.DataFrame, steps: pd.DataFrame, layers: pd.DataFrame,
         prefill = own_steps[own_steps["phase"] == "prefill"]
         decode = own_steps[own_steps["phase"] == "decode"]
         accesses = lay["hits"].sum() + lay["misses"].sum()
+        guessed = lay[(lay["phase"] == "decode") & (lay["predicted"] != "")]  # layers a predictor guessed
+        guessed_routed = guessed["hits"].sum() + guessed["misses"].sum()
+        correct = guessed["predicted_correct"].sum()
         rows.append({
             "strategy": label,
             "ttft_ms": group["ttft_s"].median() * 1e3,
@@ -30,6 +38,12 @@ def summarize(requests: pd.DataFrame, steps: pd.DataFrame, layers: pd.DataFrame,
             "stall_share": lay["stall_s"].sum() / own_steps["seconds"].sum(),
             "copied_mb_per_repeat": lay["bytes"].sum() / repeats / 1e6,
             "evictions_per_repeat": lay["evictions"].sum() / repeats,
+            "ready_rate": lay["ready"].sum() / accesses if accesses else float("nan"),
+            "recall": correct / guessed_routed if guessed_routed else float("nan"),
+            "fetch_rate": guessed["predicted_ready"].sum() / correct if correct else float("nan"),
+            "good_pred": guessed["predicted_ready"].sum() / guessed_routed if guessed_routed else float("nan"),
+            "wasted_mb_per_repeat": lay["wasted_bytes"].sum() / repeats / 1e6,
+            "predict_ms_per_step": lay["predict_s"].sum() / len(own_steps) * 1e3,
             "tokens_match": tokens_match[label],
         })
     summary = pd.DataFrame(rows)
@@ -51,6 +65,9 @@ def format_table(summary: pd.DataFrame, baseline: str) -> str:
         "hit_rate": ("hit rate", "{:.1%}"),
         "stall_share": ("stall", "{:.1%}"),
         "copied_mb_per_repeat": ("copied MB", "{:.1f}"),
+        "recall": ("recall", "{:.2f}"),
+        "good_pred": ("GoodPred", "{:.2f}"),
+        "wasted_mb_per_repeat": ("wasted MB", "{:.1f}"),
         "speedup_ttft": (f"TTFT x vs {baseline}", "{:.2f}"),
         "speedup_tpot": (f"TPOT x vs {baseline}", "{:.2f}"),
         "tokens_match": ("same tokens", "{}"),

@@ -12,9 +12,15 @@ from .base import Strategy
 from .full_gpu import FullGPU
 from .lru import LRUCache
 from .on_demand import OnDemand
+from .oracle import Oracle
+from .promoe import ProMoE
+from .skip_gate import SkipGate
+from .static import StaticCache
 
 ENTRY_POINT_GROUP = "promoe_bench.strategies"
-BUILTIN: dict[str, type[Strategy]] = {cls.name: cls for cls in (FullGPU, OnDemand, LRUCache)}
+BUILTIN: dict[str, type[Strategy]] = {
+    cls.name: cls for cls in (FullGPU, OnDemand, LRUCache, StaticCache, SkipGate, ProMoE, Oracle)
+}
 
 
 def available() -> dict[str, type[Strategy]]:

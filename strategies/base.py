@@ -2,6 +2,7 @@
 (promoe_bench.environment) and never touches CUDA, threads or clocks, so the runtime and the simulator
 run it unchanged."""
 
+import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
@@ -40,6 +41,10 @@ class Strategy(ABC):
         """The strategy reads the workload's recorded routing (env.trace)."""
         return "oracle" in self.predictors
 
+    def targets(self, layer: int, num_layers: int) -> list[int]:
+        """The later layers this strategy predicts from `layer`'s input."""
+        return []
+
     def eviction_policy(self, env: Environment) -> EvictionPolicy:
         return LRU(env.shape.num_layers)
 
@@ -60,5 +65,10 @@ class Strategy(ABC):
     @property
     def label(self) -> str:
         """The strategy as given on the command line, parameters included."""
-        params = [f"{k}={v}" for k, v in vars(self).items() if v is not None]
+        changed = [f for f in dataclasses.fields(self) if getattr(self, f.name) != f.default]
+        params = [f"{f.name}={_show(getattr(self, f.name))}" for f in changed]
         return f"{self.name}[{','.join(params)}]" if params else self.name
+
+
+def _show(value) -> str:
+    return str(int(value)) if isinstance(value, bool) else str(value)

@@ -8,9 +8,12 @@ from promoe_bench.checkpoint import load_checkpoint
 from promoe_bench.generation import left_pad
 
 from .checkpoints import FAMILIES
-from .runtime_helpers import run_generation
+from .runtime_helpers import run_generation, untrained_predictors
 
-STRATEGIES = ["full_gpu", "on_demand", "lru", "lru[cache_rate=0.25]"]
+STRATEGIES = ["full_gpu", "on_demand", "lru", "lru[cache_rate=0.25]", "static", "skip_gate", "oracle",
+              "promoe", "promoe[predictor=gate]", "promoe[predictor=oracle,cache_rate=0.25]",
+              "promoe[chunked=0]", "promoe[preempt=0]", "promoe[reorder=0]", "promoe[distance=1]",
+              "promoe[chunked=0,preempt=0,reorder=0,cache_rate=0.25]"]
 GEN_LEN = 6
 
 
@@ -34,10 +37,14 @@ def references(checkpoints):
 def test_every_strategy_reproduces_transformers_generate(family, checkpoints, references):
     loaded = load_checkpoint(str(checkpoints[family]), torch.device("cpu"))
     ids, mask, want_tokens, want_logits = references[family]
+    predictors = untrained_predictors(loaded, distances=(1, 2))  # random guesses: outputs must not care
     for spec in STRATEGIES:
-        result, runtime = run_generation(loaded, spec, ids, GEN_LEN, attention_mask=mask)
+        result, runtime = run_generation(loaded, spec, ids, GEN_LEN, attention_mask=mask, predictors=predictors)
         assert torch.equal(result.tokens, want_tokens), f"{family}/{spec}: greedy tokens differ"
         torch.testing.assert_close(result.logits, want_logits, rtol=1e-4, atol=1e-5, msg=f"{family}/{spec}")
         misses = sum(row["misses"] for row in runtime.recorder.rows)
-        if spec.startswith("lru[cache_rate=0.25]"):
+        if "cache_rate=0.25" in spec:
             assert misses > 0, "a quarter cache must miss, or this test does not exercise offloading"
+        if spec.startswith(("promoe", "skip_gate", "oracle")):
+            guessed = [row for row in runtime.recorder.rows if row["predicted"]]
+            assert guessed, f"{family}/{spec}: no layer was predicted, so prefetching went untested"
