@@ -19,10 +19,10 @@ class ProMoE(Prefetching):
     reorder: bool = True  # run (and copy) resident experts first, then the most-landed ones
 
     def on_router(self, env, layer, experts):
-        if self.preempt:
-            env.drop_pending(layer)
         order = sorted(experts, key=lambda e: -env.chunks_ready(layer, e)) if self.reorder else experts
         for expert in order:  # the copy worker takes HIGH requests in this order
             if not env.is_resident(layer, expert):
-                env.request(layer, expert, Priority.HIGH, self.chunked)
+                env.request(layer, expert, Priority.HIGH, self.chunked)  # a chosen prefetch keeps its chunks
+        if self.preempt:  # what is still LOW for this layer was guessed wrong
+            env.drop_pending(layer)
         return order
