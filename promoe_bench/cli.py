@@ -159,8 +159,9 @@ def train_predictor(model, workload, num_requests, gen_len, exclude_workload, di
     config = RunConfig(device=device)  # validates --device
     predictors = train_predictors(path, chosen, distances, width, seed, config.torch_device(), excluded,
                                   progress=True)
-    predictors.save(out)
     meta = predictors.meta
+    meta["model"] = model  # as the user named it ("builtin", a hub id), not this machine's path
+    predictors.save(out)
     click.echo(f"trained {len(predictors.mlps)} predictors on {meta['tokens']['train']} tokens "
                f"({meta['requests']['train']} requests) in {meta['seconds']} s; eval recall@{meta['top_k']} "
                f"on {meta['tokens']['eval']} tokens of {meta['requests']['eval']} held-out requests:")
