@@ -109,12 +109,12 @@ def routing_trace(strategy_run: StrategyRun) -> RoutingTrace:
     return RoutingTrace.from_layer_rows(layers[layers["repeat"] == layers["repeat"].max()])
 
 
-def record_routing(loaded: LoadedModel, cfg: RunConfig, device, batches: list[Batch]) -> RoutingTrace:
+def record_routing(loaded: LoadedModel, cfg: RunConfig, device, batches: list[Batch]) -> StrategyRun:
     """A full_gpu pass over the workload, unreported, for strategies that read the routing."""
     quiet = tqdm(disable=True)
     once = dataclasses.replace(cfg, warmup=0, repeats=1)
     full = resolve("full_gpu")[0]
-    return routing_trace(run_strategy(loaded, full, loaded.store.num_experts, once, device, batches, quiet))
+    return run_strategy(loaded, full, loaded.store.num_experts, once, device, batches, quiet)
 
 
 def default_predictors(cfg: RunConfig, loaded: LoadedModel) -> Path:
@@ -132,17 +132,19 @@ def learned_predictors(cfg: RunConfig, loaded: LoadedModel, strategies) -> Learn
     if not folder.exists():
         raise UsageError(
             f"{users[0].label} predicts with learned predictors and {cfg.model} has none (looked in {folder}): "
-            f"train them with `promoe-bench train-predictor --model {cfg.model} --workload chat --out DIR` and "
-            f"pass --predictors DIR, or run {users[0].name}[predictor=gate]")
+            f"train them with `promoe-bench train-predictor --model {cfg.model} --workload WORKLOAD --out {folder}`"
+            f", or run {users[0].name}[predictor=gate]")
     predictors = load_predictors(folder, model_fingerprint(loaded.config, loaded.layers))
     num_layers = loaded.store.num_layers
     for strategy in users:
-        for source in range(num_layers):
-            for target in strategy.targets(source, num_layers):
-                if (source, target - source) not in predictors.mlps:
-                    raise UsageError(f"{strategy.label} needs a predictor from layer {source} to layer {target}, "
-                                     f"which {folder} lacks (trained distances: {predictors.distances}); "
-                                     f"retrain with `--distance 1..{target - source}`")
+        needed = [(source, target - source) for source in range(num_layers)
+                  for target in strategy.targets(source, num_layers)]
+        missing = [pair for pair in needed if pair not in predictors.mlps]
+        if missing:
+            source, distance = missing[0]
+            raise UsageError(f"{strategy.label} needs a predictor from layer {source} to layer {source + distance}, "
+                             f"which {folder} lacks (trained distances: {predictors.distances}); retrain with "
+                             f"`--distance 1..{max(d for _, d in needed)}`")
     return predictors.to(cfg.torch_device())
 
 
@@ -178,24 +180,25 @@ def run(cfg: RunConfig) -> tuple[pd.DataFrame, Path]:
     runs: list[StrategyRun] = []
     progress = tqdm(total=len(strategies) * (cfg.warmup + cfg.repeats) * len(batches), desc="batches",
                     unit="batch", disable=None, leave=False)
-    trace = None
+    trace, reference = None, None  # the routing and tokens of full_gpu, once it has run
     predictors = {"learned": learned} if learned is not None else {}
     try:
         for strategy, capacity in zip(strategies, capacities, strict=True):
             progress.set_postfix_str(strategy.label)
             if strategy.needs_trace and trace is None:
                 progress.set_postfix_str("recording routing")
-                trace = record_routing(loaded, cfg, device, batches)
+                recorded = record_routing(loaded, cfg, device, batches)
+                trace, reference = routing_trace(recorded), recorded.tokens
                 meta["trace"] = "recorded by an unreported full_gpu pass"
             runs.append(run_strategy(loaded, strategy, capacity, cfg, device, batches, progress, predictors,
                                      trace if strategy.needs_trace else None))
             if strategy.label == "full_gpu":
-                trace = routing_trace(runs[-1])
+                trace, reference = routing_trace(runs[-1]), runs[-1].tokens
                 meta["trace"] = "recorded by the full_gpu run"
             meta["strategies"][strategy.label] = {"cache_slots_per_layer": capacity,
                                                   "cache_bytes": capacity * store.num_layers * store.layout.nbytes,
                                                   "link": runs[-1].link}
-            summary = _write_tables(writer, runs, cfg)
+            summary = _write_tables(writer, runs, cfg, reference)
             writer.metadata(meta)
         meta["status"] = "complete"
     except BaseException as error:  # Ctrl-C included: keep what finished, say it is incomplete
@@ -221,11 +224,12 @@ def _model_info(loaded: LoadedModel) -> dict:
     }
 
 
-def _write_tables(writer: RunWriter, runs: list[StrategyRun], cfg: RunConfig) -> pd.DataFrame:
+def _write_tables(writer: RunWriter, runs: list[StrategyRun], cfg: RunConfig, reference) -> pd.DataFrame:
+    """`reference`: full_gpu's tokens, when it ran (listed, or for the trace); else the first strategy's."""
     requests = pd.DataFrame([row for run in runs for row in run.requests])
     steps = pd.DataFrame([row for run in runs for row in run.steps])
     layers = pd.DataFrame([row for run in runs for row in run.layers])
-    reference = next((run.tokens for run in runs if run.label == "full_gpu"), runs[0].tokens)
+    reference = reference if reference is not None else runs[0].tokens
     matches = {run.label: all(map(torch.equal, run.tokens, reference)) for run in runs}
     summary = summarize(requests, steps, layers, cfg.baseline, matches)
     for name, frame in (("requests", requests), ("steps", steps), ("layers", layers), ("summary", summary)):

@@ -121,7 +121,9 @@ def parse_distances(text: str) -> list[int]:
             distances = [int(part) for part in text.split(",")]
     except ValueError:
         raise UsageError(f"--distance {text!r}: expected N, A..B or A,B,C") from None
-    if not distances or min(distances) < 1:
+    if not distances:
+        raise UsageError(f"--distance {text!r}: an empty range; write A..B with A <= B")
+    if min(distances) < 1:
         raise UsageError(f"--distance {text!r}: distances are at least 1")
     return sorted(set(distances))
 

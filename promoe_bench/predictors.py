@@ -25,6 +25,7 @@ from .families import MoELayer, router_of
 WEIGHTS = "predictors.safetensors"
 METADATA = "predictors.json"
 PREDICTOR_NAMES = ("learned", "gate", "oracle")
+FINGERPRINT_WEIGHTS = 64  # per router tensor
 
 
 class GatePredictor:
@@ -50,7 +51,9 @@ class PredictorMLP(nn.Module):
 
 
 def model_fingerprint(config, layers: list[MoELayer]) -> str:
-    """Identifies a model's routing: its shape and every router's weights (cheap even for big models)."""
+    """Identifies a model's routing: its shape and the signs of each router's first weights. Signs, not
+    values: the same checkpoint run in bfloat16 or float16 must keep its fingerprint (rounding never
+    flips a sign), while another training or seed flips half of them."""
     digest = hashlib.sha256()
     shape = {"model_type": config.model_type, "hidden_size": config.hidden_size, "moe_layers": len(layers),
              "experts": layers[0].experts.num_experts, "top_k": int(config.num_experts_per_tok)}
@@ -58,7 +61,8 @@ def model_fingerprint(config, layers: list[MoELayer]) -> str:
     for layer in layers:
         for name, tensor in sorted(router_of(layer).state_dict().items()):
             digest.update(name.encode())
-            digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+            signs = tensor.detach().flatten()[:FINGERPRINT_WEIGHTS].sign().to("cpu", torch.int8)
+            digest.update(signs.numpy().tobytes())
     return digest.hexdigest()[:16]
 
 

@@ -1,7 +1,29 @@
+import contextlib
+from types import SimpleNamespace
+
 import pytest
 import torch
+from click.testing import CliRunner
 
 from .checkpoints import FAMILIES, write_checkpoint
+
+# The session's learned predictors for the tiny mixtral checkpoint: its 3 MoE layers allow distances 1 and
+# 2 (promoe's default distance is 2); the tiny models have no tokenizer, so only the synthetic workload works.
+MIXTRAL_PREDICTOR_DISTANCES = [1, 2]
+MIXTRAL_PREDICTOR_TRAINING = ["--workload", "synthetic", "--num-requests", "10", "--gen-len", "4",
+                              "--distance", "1..2", "--device", "cpu"]
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine the spinning
+    threads make small training loops many times slower; the thread count is restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)
@@ -14,3 +36,25 @@ def checkpoints(tmp_path_factory):
     """family -> folder of a tiny checkpoint of that family (made once per session)."""
     root = tmp_path_factory.mktemp("checkpoints")
     return {family: write_checkpoint(root / family, family) for family in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def mixtral_predictor_training(checkpoints):
+    """`train-predictor` run once per session on the tiny mixtral checkpoint, through the real command,
+    into the folder `run` looks in by default (<model>/promoe_predictors): `folder` and the CLI `result`.
+    Only the mixtral folder gets predictors; every other tiny checkpoint stays without."""
+    from promoe_bench.cli import main
+
+    folder = checkpoints["mixtral"] / "promoe_predictors"
+    with one_torch_thread():
+        result = CliRunner().invoke(main, ["train-predictor", "--model", str(checkpoints["mixtral"]),
+                                           *MIXTRAL_PREDICTOR_TRAINING, "--out", str(folder)])
+    assert result.exit_code == 0, (result.output, result.exc_info)
+    return SimpleNamespace(folder=folder, result=result)
+
+
+@pytest.fixture(scope="session")
+def mixtral_predictors(mixtral_predictor_training):
+    """The tiny mixtral's learned predictors folder: with it, `--strategy all` (promoe included) runs
+    on that checkpoint."""
+    return mixtral_predictor_training.folder

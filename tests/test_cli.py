@@ -22,7 +22,8 @@ from .checkpoints import write_dense_checkpoint
 
 TINY = ["--device", "cpu", "--prompt-len", "4", "--gen-len", "3", "--repeats", "1", "--warmup", "0",
         "--link-gbps", "50", "--link-latency-us", "0"]
-BUILTIN_NAMES = ["full_gpu", "on_demand", "lru"]
+BUILTIN_NAMES = ["full_gpu", "on_demand", "lru", "static", "skip_gate", "promoe", "oracle"]
+PREDICTING = ["skip_gate", "promoe", "oracle"]  # strategies that guess later layers' experts
 FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "gpt_oss"]
 EXPERTS, TOP_K, MOE_LAYERS = 8, 2, 3  # the tiny mixtral checkpoint
 
@@ -67,7 +68,9 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture
-def tiny(checkpoints):
+def tiny(checkpoints, mixtral_predictors):
+    """The tiny mixtral checkpoint, with learned predictors in its default place: `--strategy all`
+    (the default, promoe included) runs on it."""
     return checkpoints["mixtral"]
 
 
@@ -241,8 +244,9 @@ def test_overwrite_replaces_the_previous_run(tiny, out):
 
 
 @pytest.fixture(scope="module")
-def run_all(checkpoints, tmp_path_factory):
-    """One `run --strategy all` on the tiny mixtral checkpoint, shared by the tests below."""
+def run_all(checkpoints, mixtral_predictors, tmp_path_factory):
+    """One `run --strategy all` on the tiny mixtral checkpoint (with its learned predictors), shared by
+    the tests below."""
     out = tmp_path_factory.mktemp("run_all") / "out"
     result = run_cli(checkpoints["mixtral"], out, "--strategy", "all")
     return result, out
@@ -283,7 +287,10 @@ def test_run_folder_has_a_complete_run_json_with_schema_version(run_all):
     assert (meta["model"]["experts_per_layer"], meta["model"]["top_k"]) == (EXPERTS, TOP_K)
     assert meta["config"]["out"] == str(out)
     assert meta["strategies"]["full_gpu"]["cache_slots_per_layer"] == EXPERTS
-    assert meta["strategies"]["lru"]["cache_slots_per_layer"] == EXPERTS // 2  # default --cache-rate 0.5
+    for name in BUILTIN_NAMES[1:]:  # default --cache-rate 0.5
+        assert meta["strategies"][name]["cache_slots_per_layer"] == EXPERTS // 2, name
+    # full_gpu runs first, and its routing is what static and oracle read
+    assert meta["trace"] == "recorded by the full_gpu run"
     assert leftovers(out) == []
 
 
@@ -320,6 +327,59 @@ def test_on_demand_never_hits_and_copies_every_routed_expert(run_tables):
     layers = run_tables["layers"]
     on_demand = layers[layers["strategy"] == "on_demand"]
     assert on_demand["copies"].sum() == on_demand["misses"].sum()
+
+
+def test_summary_has_the_prediction_columns_blank_for_strategies_that_predict_nothing(run_tables):
+    summary = run_tables["summary"].set_index("strategy")
+    for column in ("ready_rate", "recall", "fetch_rate", "good_pred", "wasted_mb_per_repeat",
+                   "predict_ms_per_step"):
+        assert column in summary.columns, column
+    for name in BUILTIN_NAMES:
+        row = summary.loc[name]
+        assert 0 <= row["ready_rate"] <= 1, name
+        assert row["wasted_mb_per_repeat"] >= 0 and row["predict_ms_per_step"] >= 0, name
+        if name in PREDICTING:
+            for column in ("recall", "fetch_rate", "good_pred"):
+                assert 0 <= row[column] <= 1, (name, column, row[column])
+            assert row["good_pred"] <= row["recall"] + 1e-12, name  # good_pred = recall x fetch rate
+        else:  # nothing predicted: no figure, rather than a misleading 0
+            for column in ("recall", "fetch_rate", "good_pred"):
+                assert pd.isna(row[column]), (name, column, row[column])
+            assert row["wasted_mb_per_repeat"] == 0 and row["predict_ms_per_step"] == 0, name
+    assert summary.loc["full_gpu", "ready_rate"] == 1.0
+    # the oracle reads the recorded routing: every routed expert was guessed
+    assert summary.loc["oracle", "recall"] == 1.0
+
+
+def test_summary_recall_is_the_layers_guessed_routed_experts_over_routed_in_decode(run_tables):
+    layers, summary = run_tables["layers"], run_tables["summary"].set_index("strategy")
+    for name in PREDICTING:
+        own = layers[(layers["strategy"] == name) & (layers["phase"] == "decode") & layers["predicted"].notna()]
+        assert len(own) > 0, name
+        routed = (own["hits"] + own["misses"]).sum()
+        assert summary.loc[name, "recall"] == pytest.approx(own["predicted_correct"].sum() / routed)
+        assert summary.loc[name, "good_pred"] == pytest.approx(own["predicted_ready"].sum() / routed)
+
+
+def test_layers_prediction_columns_are_consistent(run_tables):
+    layers = run_tables["layers"]
+    for column in ("ready", "predicted", "predicted_correct", "predicted_ready", "predict_s", "wasted_bytes"):
+        assert column in layers.columns, column
+    accessed = layers["hits"] + layers["misses"]
+    assert layers["ready"].between(0, accessed).all()
+    assert (layers[["predict_s", "wasted_bytes"]] >= 0).all().all()
+    guessed = layers[layers["predicted"].notna()]
+    assert set(guessed["strategy"]) == set(PREDICTING)
+    assert (guessed["predicted_correct"] <= guessed["hits"] + guessed["misses"]).all()
+    assert (guessed["predicted_ready"] <= guessed["predicted_correct"]).all()
+    for predicted, routed, correct in zip(guessed["predicted"], guessed["routed"], guessed["predicted_correct"],
+                                          strict=True):
+        assert len(set(str(predicted).split()) & set(str(routed).split())) == correct
+    blank = layers[layers["predicted"].isna()]
+    assert blank["predicted_correct"].isna().all() and blank["predicted_ready"].isna().all()
+    # predict_s is the time spent predicting from a layer's input: none for strategies that do not predict
+    assert (layers.loc[~layers["strategy"].isin(PREDICTING), "predict_s"] == 0).all()
+    assert (layers.loc[layers["strategy"].isin(["promoe", "skip_gate"]), "predict_s"] > 0).any()
 
 
 def test_requests_and_steps_cover_every_strategy_repeat_and_step(run_tables):

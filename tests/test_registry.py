@@ -12,8 +12,14 @@ from promoe_bench.strategies.base import Strategy
 from promoe_bench.strategies.full_gpu import FullGPU
 from promoe_bench.strategies.lru import LRUCache
 from promoe_bench.strategies.on_demand import OnDemand
+from promoe_bench.strategies.oracle import Oracle
+from promoe_bench.strategies.prefetch import Prefetching
+from promoe_bench.strategies.promoe import ProMoE
+from promoe_bench.strategies.skip_gate import SkipGate
+from promoe_bench.strategies.static import StaticCache
 
-BUILTIN_NAMES = ["full_gpu", "on_demand", "lru"]
+BUILTIN_NAMES = ["full_gpu", "on_demand", "lru", "static", "skip_gate", "promoe", "oracle"]
+BUILTIN_CLASSES = [FullGPU, OnDemand, LRUCache, StaticCache, SkipGate, ProMoE, Oracle]
 
 
 @dataclass
@@ -84,7 +90,7 @@ def toggle_plugin(install_plugins):
 # -- parse: names and parameters -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name, cls", [("full_gpu", FullGPU), ("on_demand", OnDemand), ("lru", LRUCache)])
+@pytest.mark.parametrize("name, cls", list(zip(BUILTIN_NAMES, BUILTIN_CLASSES, strict=True)))
 def test_parse_plain_name_gives_that_strategy_with_default_parameters(name, cls):
     strategy = parse(name)
     assert type(strategy) is cls
@@ -189,7 +195,7 @@ def test_parse_turns_a_rejected_constructor_value_into_a_usage_error(install_plu
 @pytest.mark.parametrize("text", ["all", "  all  "])
 def test_resolve_all_returns_every_builtin_with_defaults_in_registry_order(text):
     strategies = resolve(text)
-    assert [type(s) for s in strategies] == [FullGPU, OnDemand, LRUCache]
+    assert [type(s) for s in strategies] == BUILTIN_CLASSES
     assert [s.label for s in strategies] == BUILTIN_NAMES
     assert list(BUILTIN) == BUILTIN_NAMES
 
@@ -253,13 +259,14 @@ def test_plugin_from_the_entry_point_group_is_available_after_the_builtins(toggl
 def test_plugin_is_usable_by_parse_and_listed_in_errors(toggle_plugin):
     strategy = parse("toggle[flag=1,depth=3]")
     assert type(strategy) is Toggle
-    assert strategy.label == "toggle[flag=True,depth=3,tag=none]"
-    with pytest.raises(UsageError, match=r"available: full_gpu, on_demand, lru, toggle"):
+    assert strategy.label == "toggle[flag=1,depth=3]"  # only what differs from the defaults; bools as 0/1
+    with pytest.raises(UsageError, match=r"available: full_gpu, on_demand, lru, static, skip_gate, promoe, "
+                                         r"oracle, toggle"):
         parse("nope")
 
 
 def test_resolve_all_includes_plugins(toggle_plugin):
-    assert [type(s) for s in resolve("all")] == [FullGPU, OnDemand, LRUCache, Toggle]
+    assert [type(s) for s in resolve("all")] == [*BUILTIN_CLASSES, Toggle]
 
 
 def test_plugin_declared_as_a_real_entry_point_loads_by_module_and_class(install_plugins):
@@ -303,3 +310,84 @@ def test_builtin_strategies_have_a_name_and_a_one_line_summary():
     for name, cls in BUILTIN.items():
         assert cls.name == name
         assert cls.summary and "\n" not in cls.summary
+
+
+# -- the prefetching strategies: defaults, labels, validation, predicted layers ----------------------
+
+
+def test_prefetching_strategies_share_the_prefetch_base_and_differ_in_their_defaults():
+    promoe, skip_gate, oracle = parse("promoe"), parse("skip_gate"), parse("oracle")
+    assert all(isinstance(s, Prefetching) for s in (promoe, skip_gate, oracle))
+    assert isinstance(oracle, ProMoE)
+    assert (promoe.predictor, promoe.distance, promoe.chunked, promoe.preempt, promoe.reorder) == (
+        "learned", 2, True, True, True)
+    assert (skip_gate.predictor, skip_gate.distance, skip_gate.chunked) == ("gate", 1, True)
+    assert (oracle.predictor, oracle.distance) == ("oracle", 2)
+    assert [promoe.predictors, skip_gate.predictors, oracle.predictors] == [{"learned"}, {"gate"}, {"oracle"}]
+
+
+def test_only_strategies_that_read_the_recorded_routing_need_the_trace():
+    needs = {name: cls().needs_trace for name, cls in BUILTIN.items()}
+    assert needs == {"full_gpu": False, "on_demand": False, "lru": False, "static": True, "skip_gate": False,
+                     "promoe": False, "oracle": True}
+    assert parse("promoe[predictor=oracle]").needs_trace  # the oracle predictor reads the trace too
+
+
+@pytest.mark.parametrize("spec, label", [
+    ("promoe[chunked=0]", "promoe[chunked=0]"),
+    ("promoe[chunked=false,preempt=no,reorder=off]", "promoe[chunked=0,preempt=0,reorder=0]"),
+    ("promoe[chunked=1]", "promoe"),  # a default given explicitly is not shown
+    ("promoe[distance=2,predictor=learned]", "promoe"),
+    ("promoe[predictor=oracle,cache_rate=0.25]", "promoe[cache_rate=0.25,predictor=oracle]"),  # field order
+    ("promoe[predictor=gate]", "promoe[predictor=gate]"),
+    ("skip_gate[predictor=gate,distance=1]", "skip_gate"),
+    ("skip_gate[distance=2]", "skip_gate[distance=2]"),
+    ("oracle[predictor=oracle]", "oracle"),
+    ("static[spare=3]", "static[spare=3]"),
+    ("lru[cache_rate=0.5]", "lru[cache_rate=0.5]"),  # cache_rate's default is None, so 0.5 differs
+])
+def test_label_shows_only_the_parameters_that_differ_from_the_defaults(spec, label):
+    assert parse(spec).label == label
+
+
+def test_two_specs_with_the_same_label_are_the_same_strategy():
+    # `run` refuses repeated labels, so a default spelled out counts as listing a strategy twice
+    assert [s.label for s in resolve("promoe,promoe[chunked=1]")] == ["promoe", "promoe"]
+    assert len({s.label for s in resolve("promoe,promoe[chunked=0],promoe[predictor=gate]")}) == 3
+
+
+@pytest.mark.parametrize("spec, fragments", [
+    ("promoe[predictor=magic]", ["predictor must be one of learned, gate, oracle", "'magic'"]),
+    ("skip_gate[distance=0]", ["distance must be at least 1"]),
+    ("oracle[distance=-1]", ["distance must be at least 1"]),
+    ("static[spare=0]", ["spare must be at least 1"]),
+    ("promoe[chunked=maybe]", ["'maybe' is not a valid bool"]),
+    ("promoe[distance=1.5]", ["'1.5' is not a valid int"]),
+    ("promoe[cache_rate=2]", ["cache_rate must be in (0, 1]"]),
+])
+def test_bad_prefetching_parameter_is_a_usage_error(spec, fragments):
+    with pytest.raises(UsageError) as error:
+        parse(spec)
+    for fragment in fragments:
+        assert fragment in str(error.value), (fragment, str(error.value))
+
+
+@pytest.mark.parametrize("spec, num_layers, expected", [
+    # layer 0 also predicts the layers before layer 0 + distance, which no earlier input can predict
+    ("promoe", 3, {0: [1, 2], 1: [], 2: []}),
+    ("promoe", 5, {0: [1, 2], 1: [3], 2: [4], 3: [], 4: []}),
+    ("skip_gate", 3, {0: [1], 1: [2], 2: []}),
+    ("promoe[distance=3]", 3, {0: [1, 2], 1: [], 2: []}),  # clamped to the model's layers
+    ("promoe[distance=3]", 5, {0: [1, 2, 3], 1: [4], 2: [], 3: [], 4: []}),
+    ("promoe[distance=1]", 1, {0: []}),
+])
+def test_prefetching_targets_layer_plus_distance_and_everything_below_it_from_layer_0(spec, num_layers, expected):
+    strategy = parse(spec)
+    assert {layer: strategy.targets(layer, num_layers) for layer in range(num_layers)} == expected
+
+
+def test_strategies_that_do_not_prefetch_predict_nothing():
+    for name in ("full_gpu", "on_demand", "lru", "static"):
+        strategy = parse(name)
+        assert strategy.predictors == set(), name
+        assert strategy.targets(0, 3) == [], name

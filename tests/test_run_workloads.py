@@ -7,6 +7,7 @@ from click.testing import CliRunner
 
 from promoe_bench.cli import main
 
+ALL_STRATEGIES = 7  # `--strategy all`: the built-ins, promoe (learned predictors) and oracle included
 FAST = ["--device", "cpu", "--repeats", "1", "--warmup", "0", "--link-gbps", "50", "--link-latency-us", "0"]
 
 
@@ -14,15 +15,16 @@ def run(*args):
     return CliRunner().invoke(main, ["run", *map(str, args), *FAST])
 
 
-def test_every_strategy_gets_the_same_requests_in_the_same_batches(checkpoints, tmp_path):
+def test_every_strategy_gets_the_same_requests_in_the_same_batches(checkpoints, mixtral_predictors, tmp_path):
+    # the tiny mixtral has learned predictors (trained on synthetic prompts), so `all` includes promoe
     out = tmp_path / "run"
-    result = run("--model", checkpoints["olmoe"], "--workload", "synthetic", "--num-requests", 5, "--batch-size", 2,
+    result = run("--model", checkpoints["mixtral"], "--workload", "synthetic", "--num-requests", 5, "--batch-size", 2,
                  "--gen-len", 3, "--out", out)
     assert result.exit_code == 0, result.output
     requests = pd.read_csv(out / "requests.csv")
     per_strategy = [group[["request", "batch", "prompt_tokens"]].reset_index(drop=True)
                     for _, group in requests.groupby("strategy", sort=False)]
-    assert len(per_strategy) == 3 and all(frame.equals(per_strategy[0]) for frame in per_strategy)
+    assert len(per_strategy) == ALL_STRATEGIES and all(frame.equals(per_strategy[0]) for frame in per_strategy)
     assert per_strategy[0]["batch"].tolist() == [0, 0, 1, 1, 2]
     assert per_strategy[0]["prompt_tokens"].between(32, 256).all()
     assert per_strategy[0]["prompt_tokens"].nunique() > 1  # random lengths, so batches are padded
@@ -31,8 +33,9 @@ def test_every_strategy_gets_the_same_requests_in_the_same_batches(checkpoints, 
     assert config["workload"]["name"] == "synthetic" and config["workload"]["num_requests"] == 5
 
 
-def test_text_workload_on_a_model_without_tokenizer_is_one_clear_line(checkpoints, tmp_path):
-    result = run("--model", checkpoints["olmoe"], "--workload", "chat", "--out", tmp_path / "run")
+def test_text_workload_on_a_model_without_tokenizer_is_one_clear_line(checkpoints, mixtral_predictors, tmp_path):
+    # every strategy (`all`) can run on the tiny mixtral, so the only problem left is the missing tokenizer
+    result = run("--model", checkpoints["mixtral"], "--workload", "chat", "--out", tmp_path / "run")
     assert result.exit_code == 2
     assert result.stderr.startswith("promoe-bench: error: ") and "tokenizer" in result.stderr
     assert len(result.stderr.splitlines()) == 1
