@@ -15,7 +15,7 @@ class OnDemand(Strategy):
 
     def on_router(self, env, layer, experts):
         for expert in experts:
-            env.request(layer, expert, Priority.HIGH)
+            env.request(layer, expert, Priority.HIGH, chunked=False)  # whole modules, as transformers moves them
         return experts
 
     def after_layer(self, env, layer, experts):

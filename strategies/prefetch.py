@@ -36,7 +36,12 @@ class Prefetching(Strategy):
 
     def on_layer_input(self, env, layer):
         for target in self.targets(layer, env.shape.num_layers):
-            predicted = env.predict(layer, target, self.predictor)[: env.shape.capacity]
-            # residents first: their refresh must count before a copy picks a victim among them
-            for expert in sorted(predicted, key=lambda e: not env.is_resident(target, e)):
+            predicted = env.predict(layer, target, self.predictor)
+            resident = [e for e in predicted if env.is_resident(target, e)]
+            missing = [e for e in predicted if e not in resident]
+            for expert in resident:  # refreshed first, so the copies below evict only unpredicted experts
+                env.request(target, expert, Priority.LOW, self.chunked)
+            # Copy only into slots no predicted expert holds: evicting one expert the layer will use to
+            # make room for another (a prefill routes more experts than fit) adds a copy and saves none.
+            for expert in missing[: env.shape.capacity - len(resident)]:
                 env.request(target, expert, Priority.LOW, self.chunked)

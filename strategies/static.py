@@ -39,5 +39,5 @@ class StaticCache(Strategy):
     def on_router(self, env, layer, experts):
         for expert in experts:
             if not env.is_resident(layer, expert):
-                env.request(layer, expert, Priority.HIGH)
+                env.request(layer, expert, Priority.HIGH, chunked=False)
         return experts

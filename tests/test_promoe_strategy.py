@@ -178,7 +178,7 @@ def test_prefetch_targets(num_layers, distance, expected):
         assert env.predicted() == [(layer, t, "learned") for t in targets]
 
 
-def test_prefetch_requests_at_most_capacity_predicted_experts_low_residents_first():
+def test_prefetch_refreshes_predicted_residents_and_copies_only_into_slots_no_predicted_expert_holds():
     env = RecordingEnv(capacity=3)
     env.chunks = {(2, 4): 3, (2, 1): 3, (2, 2): 2, (1, 6): 3}
     env.predictions = {(0, 1): [6, 3], (0, 2): [6, 2, 4, 1, 0]}
@@ -188,10 +188,11 @@ def test_prefetch_requests_at_most_capacity_predicted_experts_low_residents_firs
         ("request", 1, 6, LOW, True),  # resident: a refresh
         ("request", 1, 3, LOW, True),
         ("predict", 0, 2, "learned"),
-        # capacity 3 of [6, 2, 4, 1, 0]: 4 is resident and goes first; 2 is only partly there; 1 is cut
+        # [6, 2, 4, 1, 0] with capacity 3: residents 4 and 1 are refreshed first; one slot is left
+        # that no predicted expert holds, so only the surest missing expert (6) is copied
         ("request", 2, 4, LOW, True),
+        ("request", 2, 1, LOW, True),
         ("request", 2, 6, LOW, True),
-        ("request", 2, 2, LOW, True),
     ]
 
 
@@ -232,12 +233,13 @@ def test_skip_gate_predicts_the_next_layer_with_the_gate_and_runs_in_routing_ord
     for layer in range(4):
         strategy.on_layer_input(env, layer)
     assert env.predicted() == [(0, 1, "gate"), (1, 2, "gate"), (2, 3, "gate")]
-    assert env.requests() == [(1, 5, LOW, True), (1, 3, LOW, True), (2, 2, LOW, True), (3, 0, LOW, True),
-                              (3, 4, LOW, True)]
+    # whole experts (mixtral-offloading); layer 1: resident 5 refreshed, one free slot for 3 (1 is cut)
+    assert env.requests() == [(1, 5, LOW, False), (1, 3, LOW, False), (2, 2, LOW, False), (3, 0, LOW, False),
+                              (3, 4, LOW, False)]
     env.calls.clear()
     order = strategy.on_router(env, 2, [3, 7, 6])
     assert order == [3, 7, 6]
-    assert env.calls == [("request", 2, 3, HIGH, True), ("request", 2, 6, HIGH, True)]  # no drop_pending
+    assert env.calls == [("request", 2, 3, HIGH, False), ("request", 2, 6, HIGH, False)]  # no drop_pending
     assert isinstance(strategy.eviction_policy(env), LRU)
 
 
@@ -284,7 +286,7 @@ def test_static_requests_misses_high_in_routing_order():
     env.chunks = {(0, 2): 3}
     order = StaticCache().on_router(env, 0, [5, 2, 4])
     assert order == [5, 2, 4]
-    assert env.calls == [("request", 0, 5, HIGH, True), ("request", 0, 4, HIGH, True)]
+    assert env.calls == [("request", 0, 5, HIGH, False), ("request", 0, 4, HIGH, False)]  # whole experts
 
 
 def test_oracle_predicts_with_the_oracle_and_evicts_with_belady_reading_the_position_live():
@@ -375,3 +377,16 @@ def test_parse_turns_bad_parameters_into_usage_errors(spec):
 )
 def test_parse_builds_valid_strategies(spec, expected):
     assert parse(spec) == expected
+
+
+# -- the reactive baselines copy whole experts, as the systems they stand for do ---------------------
+
+
+@pytest.mark.parametrize("spec, chunked", [("lru", False), ("lru[chunked=1]", True), ("on_demand", False)])
+def test_reactive_baselines_request_misses_high_whole_unless_asked_to_chunk(spec, chunked):
+    env = RecordingEnv(num_layers=2, capacity=4)
+    env.chunks = {(1, 2): 3}
+    order = parse(spec).on_router(env, 1, [3, 2, 0])
+    assert order == [3, 2, 0]
+    want = [3, 2, 0] if spec == "on_demand" else [3, 0]  # on_demand asks for all; the engine skips residents
+    assert [call for call in env.calls if call[0] == "request"] == [("request", 1, e, HIGH, chunked) for e in want]

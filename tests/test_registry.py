@@ -321,7 +321,7 @@ def test_prefetching_strategies_share_the_prefetch_base_and_differ_in_their_defa
     assert isinstance(oracle, ProMoE)
     assert (promoe.predictor, promoe.distance, promoe.chunked, promoe.preempt, promoe.reorder) == (
         "learned", 2, True, True, True)
-    assert (skip_gate.predictor, skip_gate.distance, skip_gate.chunked) == ("gate", 1, True)
+    assert (skip_gate.predictor, skip_gate.distance, skip_gate.chunked) == ("gate", 1, False)
     assert (oracle.predictor, oracle.distance) == ("oracle", 2)
     assert [promoe.predictors, skip_gate.predictors, oracle.predictors] == [{"learned"}, {"gate"}, {"oracle"}]
 
