@@ -41,9 +41,10 @@ class Environment(Protocol):
     def evict(self, layer: int, expert: int) -> None:
         """Free the expert's slot now (ignored while it is being copied or used)."""
 
-    def predict(self, layer: int, target: int, predictor: str) -> list[int]:
+    def predict(self, layer: int, target: int, predictor: str, min_prob: float = 0.0) -> list[int]:
         """From `layer`'s input (known since on_layer_input), the experts `predictor` (learned, gate or
-        oracle) expects `target` > `layer` to route in this step, the surest first."""
+        oracle) expects `target` > `layer` to route in this step, the surest first; per-token guesses
+        below `min_prob` are left out (the oracle's are certain)."""
 
     def position(self, layer: int) -> int:
         """How many forwards of `layer` have been routed so far (for policies that read the trace)."""

@@ -82,10 +82,14 @@ class OffloadRuntime:
     def evict(self, layer: int, expert: int) -> None:
         self.engine.evict(layer, expert)
 
+    def _rank(self, layer, target, predictor, min_prob) -> list[int]:
+        picks, probs = self.predictors[predictor](layer, target, self._inputs[layer])
+        return rank(picks, probs, self.shape.num_experts, min_prob)
+
     def position(self, layer: int) -> int:
         return self._positions[layer]
 
-    def predict(self, layer: int, target: int, predictor: str) -> list[int]:
+    def predict(self, layer: int, target: int, predictor: str, min_prob: float = 0.0) -> list[int]:
         start = time.perf_counter()
         if predictor == "oracle":
             if self.trace is None:
@@ -94,9 +98,9 @@ class OffloadRuntime:
         elif self._predict_stream is not None:  # off the compute stream; the host waits for the result
             self._predict_stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(self._predict_stream):
-                ranked = rank(self.predictors[predictor](layer, target, self._inputs[layer]), self.shape.num_experts)
+                ranked = self._rank(layer, target, predictor, min_prob)
         else:
-            ranked = rank(self.predictors[predictor](layer, target, self._inputs[layer]), self.shape.num_experts)
+            ranked = self._rank(layer, target, predictor, min_prob)
         self.recorder.predicted(layer, target, ranked, time.perf_counter() - start)
         return ranked
 

@@ -1,7 +1,8 @@
 """Expert predictors: from the input hidden state of MoE layer l, guess the experts of layer l+d.
 
-A predictor maps (source layer, target layer, hidden [..., H]) to per-token guesses [T, K]; the runtime
-turns those into one ranked list for the batch. Two work on hidden states:
+A predictor maps (source layer, target layer, hidden [..., H]) to per-token guesses [T, K] with their
+probabilities [T, K]; the runtime turns those into one ranked list for the batch, leaving out guesses
+below a strategy's minimum probability. Two work on hidden states:
 - `gate`: layer l+d's own router applied to layer l's input (mixtral-offloading's skip-gate heuristic);
 - `learned`: ProMoE's two-layer MLP per (l, d), trained offline by `promoe-bench train-predictor`.
 The third, `oracle`, needs no hidden state: it reads the recorded routing (promoe_bench.trace).
@@ -33,9 +34,11 @@ class GatePredictor:
         self.layers = layers
 
     @torch.no_grad()
-    def __call__(self, source: int, target: int, hidden: torch.Tensor) -> torch.Tensor:
-        picks = router_of(self.layers[target])(hidden)[-1]
-        return picks.reshape(-1, picks.shape[-1])  # [T, K]
+    def __call__(self, source: int, target: int, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, _, picks = router_of(self.layers[target])(hidden)
+        picks = picks.reshape(-1, picks.shape[-1])  # [T, K]
+        probs = logits.reshape(len(picks), -1).float().softmax(-1).gather(1, picks)
+        return picks, probs
 
 
 class PredictorMLP(nn.Module):
@@ -82,10 +85,11 @@ class LearnedPredictors:
         return self
 
     @torch.no_grad()
-    def __call__(self, source: int, target: int, hidden: torch.Tensor) -> torch.Tensor:
+    def __call__(self, source: int, target: int, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mlp = self.mlps[(source, target - source)]
         flat = hidden.reshape(-1, hidden.shape[-1]).to(mlp.net[0].weight.dtype)
-        return mlp(flat).topk(self.top_k, dim=-1).indices  # [T, K]
+        top = mlp(flat).softmax(-1).topk(self.top_k, dim=-1)
+        return top.indices, top.values  # [T, K] each
 
     def save(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
@@ -127,7 +131,8 @@ def load_predictors(folder: Path, fingerprint: str) -> LearnedPredictors:
     return LearnedPredictors(mlps, top_k, meta)
 
 
-def rank(picks: torch.Tensor, num_experts: int) -> list[int]:
-    """Per-token guesses [T, K] -> the experts guessed for the batch, most votes first (ties: lower id)."""
-    votes = torch.bincount(picks.flatten().cpu(), minlength=num_experts).tolist()
+def rank(picks: torch.Tensor, probs: torch.Tensor, num_experts: int, min_prob: float = 0.0) -> list[int]:
+    """Per-token guesses [T, K] and their probabilities -> the experts guessed for the batch with at least
+    `min_prob`, most votes first (ties: lower id)."""
+    votes = torch.bincount(picks[probs >= min_prob].cpu(), minlength=num_experts).tolist()
     return sorted((e for e in range(num_experts) if votes[e]), key=lambda e: -votes[e])

@@ -14,6 +14,7 @@ class Prefetching(Strategy):
     predictor: str = "learned"  # learned, gate or oracle
     distance: int = 2  # predict layer l + distance from layer l's input (clamped to the model)
     chunked: bool = True  # copy gate, up and down as separate chunks
+    min_prob: float = 0.0  # prefetch only guesses at least this probable (a wrong one costs a copy)
 
     def __post_init__(self):
         super().__post_init__()
@@ -21,6 +22,8 @@ class Prefetching(Strategy):
             raise ValueError(f"predictor must be one of {', '.join(PREDICTOR_NAMES)}, got {self.predictor!r}")
         if self.distance < 1:
             raise ValueError(f"distance must be at least 1, got {self.distance}")
+        if not 0 <= self.min_prob <= 1:
+            raise ValueError(f"min_prob must be in [0, 1], got {self.min_prob}")
 
     @property
     def predictors(self):
@@ -36,7 +39,7 @@ class Prefetching(Strategy):
 
     def on_layer_input(self, env, layer):
         for target in self.targets(layer, env.shape.num_layers):
-            predicted = env.predict(layer, target, self.predictor)
+            predicted = env.predict(layer, target, self.predictor, self.min_prob)
             resident = [e for e in predicted if env.is_resident(target, e)]
             missing = [e for e in predicted if e not in resident]
             for expert in resident:  # refreshed first, so the copies below evict only unpredicted experts

@@ -49,7 +49,7 @@ class RecordingEnv:
     def evict(self, layer, expert):
         self.calls.append(("evict", layer, expert))
 
-    def predict(self, layer, target, predictor):
+    def predict(self, layer, target, predictor, min_prob=0.0):
         assert target > layer, "a strategy asked to predict a layer that is not ahead"
         self.calls.append(("predict", layer, target, predictor))
         return list(self.predictions.get((layer, target), []))
@@ -390,3 +390,29 @@ def test_reactive_baselines_request_misses_high_whole_unless_asked_to_chunk(spec
     assert order == [3, 2, 0]
     want = [3, 2, 0] if spec == "on_demand" else [3, 0]  # on_demand asks for all; the engine skips residents
     assert [call for call in env.calls if call[0] == "request"] == [("request", 1, e, HIGH, chunked) for e in want]
+
+
+def test_rank_counts_votes_of_guesses_at_least_min_prob_most_votes_first():
+    import torch
+
+    from promoe_bench.predictors import rank
+
+    picks = torch.tensor([[3, 1], [1, 5], [1, 3]])
+    probs = torch.tensor([[0.5, 0.3], [0.6, 0.1], [0.4, 0.2]])
+    assert rank(picks, probs, 8) == [1, 3, 5]  # 1 has three votes, 3 two, 5 one
+    assert rank(picks, probs, 8, min_prob=0.25) == [1, 3]  # 5 (0.1) and one vote of 3 (0.2) fall out
+    assert rank(picks, probs, 8, min_prob=0.9) == []
+
+
+def test_prefetch_passes_its_min_prob_to_the_predictor():
+    seen = []
+
+    class Env(RecordingEnv):
+        def predict(self, layer, target, predictor, min_prob=0.0):
+            seen.append(min_prob)
+            return super().predict(layer, target, predictor)
+
+    ProMoE(min_prob=0.2).on_layer_input(Env(num_layers=4), 1)
+    assert seen == [0.2]
+    with pytest.raises(UsageError, match="min_prob"):
+        parse("promoe[min_prob=1.5]")

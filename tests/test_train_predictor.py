@@ -153,10 +153,12 @@ def test_load_predictors_gives_each_pair_and_top_k_guesses_per_token(meta, mixtr
     assert predictors.distances == MIXTRAL_PREDICTOR_DISTANCES and predictors.top_k == TOP_K
     hidden = torch.randn(1, 5, HIDDEN)
     for source, d in predictors.mlps:
-        picks = predictors(source, source + d, hidden)
-        assert picks.shape == (5, TOP_K)
+        picks, probs = predictors(source, source + d, hidden)
+        assert picks.shape == probs.shape == (5, TOP_K)
         assert ((0 <= picks) & (picks < EXPERTS)).all()
         assert all(len(set(row.tolist())) == TOP_K for row in picks)  # k distinct experts per token
+        assert (probs > 0).all() and (probs.sum(-1) <= 1 + 1e-6).all()  # softmax probabilities, surest first
+        assert (probs[:, :-1] >= probs[:, 1:]).all()
 
 
 def test_saved_predictors_load_back_unchanged(meta, mixtral_predictors, tmp_path):
