@@ -10,7 +10,6 @@ import torch
 from tqdm import tqdm
 
 from . import provenance
-from .builtin_model import BUILTIN_DIR, builtin_checkpoint
 from .checkpoint import LoadedModel, load_checkpoint
 from .config import RunConfig, cache_capacity
 from .errors import UsageError
@@ -117,18 +116,13 @@ def record_routing(loaded: LoadedModel, cfg: RunConfig, device, batches: list[Ba
     return run_strategy(loaded, full, loaded.store.num_experts, once, device, batches, quiet)
 
 
-def default_predictors(cfg: RunConfig, loaded: LoadedModel) -> Path:
-    """Where a model's learned predictors are looked for without --predictors."""
-    return BUILTIN_DIR / "predictors" if cfg.model == "builtin" else Path(loaded.path) / "promoe_predictors"
-
-
 def learned_predictors(cfg: RunConfig, loaded: LoadedModel, strategies) -> LearnedPredictors | None:
     """The learned predictors, when a strategy predicts with them; every (source, target) pair the
     strategies will ask for must have been trained."""
     users = [s for s in strategies if "learned" in s.predictors]
     if not users:
         return None
-    folder = cfg.predictors or default_predictors(cfg, loaded)
+    folder = cfg.predictors or Path(loaded.path) / "promoe_predictors"  # the built-in model ships its own
     if not folder.exists():
         raise UsageError(
             f"{users[0].label} predicts with learned predictors and {cfg.model} has none (looked in {folder}): "
@@ -149,8 +143,7 @@ def learned_predictors(cfg: RunConfig, loaded: LoadedModel, strategies) -> Learn
 
 
 def load_model(cfg: RunConfig, device: torch.device) -> LoadedModel:
-    path = str(builtin_checkpoint()) if cfg.model == "builtin" else cfg.model
-    return load_checkpoint(path, device, cfg.dtype)
+    return load_checkpoint(cfg.model, device, cfg.dtype)
 
 
 def run(cfg: RunConfig) -> tuple[pd.DataFrame, Path]:

@@ -25,6 +25,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
+from .builtin_model import builtin_checkpoint
 from .errors import UsageError
 from .expert_store import ExpertLayout, ExpertStore
 from .families import MoELayer, check_family, find_moe_layers
@@ -73,7 +74,9 @@ class LoadedModel:
 
 
 def resolve_checkpoint(model: str) -> Path:
-    """A local folder as is; otherwise a hub id, downloaded where the network allows."""
+    """'builtin', a local folder as is, or a hub id, downloaded where the network allows."""
+    if model == "builtin":
+        return builtin_checkpoint()
     path = Path(model).expanduser()
     if path.is_file():
         raise UsageError(f"model path {path} is a file; give the checkpoint's folder")
@@ -253,9 +256,15 @@ def load_checkpoint(model: str, device: torch.device, dtype: str = "auto") -> Lo
     report = LoadReport(checkpoint_bytes, rss_before, _peak_rss(), time.perf_counter() - start)
 
     hf_model.to(device).eval().requires_grad_(False)
-    has_tokenizer = (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()
-    tokenizer = AutoTokenizer.from_pretrained(path) if has_tokenizer else None
-    return LoadedModel(hf_model, config, layers, store, int(config.num_experts_per_tok), path, report, tokenizer)
+    return LoadedModel(hf_model, config, layers, store, int(config.num_experts_per_tok), path, report,
+                       load_tokenizer(path))
+
+
+def load_tokenizer(path: Path):
+    """The checkpoint's own tokenizer, or None when it ships none."""
+    if (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file():
+        return AutoTokenizer.from_pretrained(path)
+    return None
 
 
 def _resolve_dtype(dtype: str, config) -> torch.dtype:

@@ -140,7 +140,6 @@ def routing_stats(model, workload, num_requests, gen_len, compare_random):
 def train_predictor(model, workload, num_requests, gen_len, exclude_workload, distance, width, seed, device, out,
                     overwrite):
     """Train ProMoE's learned predictors (layer l's input -> layer l+d's experts) on a workload."""
-    from .builtin_model import builtin_checkpoint
     from .checkpoint import resolve_checkpoint
     from .predictor_training import parse_distances, train_predictors
     from .predictors import METADATA, WEIGHTS
@@ -155,7 +154,7 @@ def train_predictor(model, workload, num_requests, gen_len, exclude_workload, di
         raise UsageError(f"{out} already holds predictors; pass --overwrite to replace them")
     chosen = load_workload(workload).with_overrides(num_requests=num_requests, output_tokens=gen_len)
     excluded = [load_workload(name) for name in exclude_workload]
-    path = builtin_checkpoint() if model == "builtin" else resolve_checkpoint(model)
+    path = resolve_checkpoint(model)
     config = RunConfig(device=device)  # validates --device
     predictors = train_predictors(path, chosen, distances, width, seed, config.torch_device(), excluded,
                                   progress=True)

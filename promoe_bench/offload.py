@@ -5,6 +5,7 @@ layer's input is ready: the moment to predict and prefetch) and an experts imple
 with transformers' ExpertsInterface (the router has chosen: request, order, wait, compute).
 """
 
+import contextlib
 import time
 
 import torch
@@ -82,9 +83,13 @@ class OffloadRuntime:
     def evict(self, layer: int, expert: int) -> None:
         self.engine.evict(layer, expert)
 
-    def _rank(self, layer, target, predictor, min_prob) -> list[int]:
-        picks, probs = self.predictors[predictor](layer, target, self._inputs[layer])
-        return rank(picks, probs, self.shape.num_experts, min_prob)
+    def _off_compute_stream(self):
+        """CUDA: the predictor's own stream, after the layer's input is computed (the host still waits
+        for the result, to queue the copies). CPU: nothing to move off."""
+        if self._predict_stream is None:
+            return contextlib.nullcontext()
+        self._predict_stream.wait_stream(torch.cuda.current_stream())
+        return torch.cuda.stream(self._predict_stream)
 
     def position(self, layer: int) -> int:
         return self._positions[layer]
@@ -95,12 +100,10 @@ class OffloadRuntime:
             if self.trace is None:
                 raise RuntimeError("the oracle predictor needs the workload's recorded routing")
             ranked = list(self.trace.at(target, self._positions[target]))
-        elif self._predict_stream is not None:  # off the compute stream; the host waits for the result
-            self._predict_stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(self._predict_stream):
-                ranked = self._rank(layer, target, predictor, min_prob)
         else:
-            ranked = self._rank(layer, target, predictor, min_prob)
+            with self._off_compute_stream():
+                picks, probs = self.predictors[predictor](layer, target, self._inputs[layer])
+                ranked = rank(picks, probs, self.shape.num_experts, min_prob)
         self.recorder.predicted(layer, target, ranked, time.perf_counter() - start)
         return ranked
 

@@ -12,8 +12,9 @@ import time
 
 import torch
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
+from .checkpoint import load_tokenizer
 from .errors import UsageError
 from .families import MoELayer, find_moe_layers, router_of
 from .predictors import LearnedPredictors, PredictorMLP, model_fingerprint
@@ -132,8 +133,7 @@ def train_predictors(path, workload: Workload, distances: list[int], width: int 
                      device: torch.device, exclude: list[Workload] = (), progress: bool = False) -> LearnedPredictors:
     """Generate the workload's continuations, capture the routing, and train every (l, d) predictor."""
     started = time.perf_counter()
-    tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer.json").is_file() or (
-        path / "tokenizer_config.json").is_file() else None
+    tokenizer = load_tokenizer(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype="auto").to(device).eval()
     layers = find_moe_layers(model)
     num_layers, num_experts = len(layers), layers[0].experts.num_experts

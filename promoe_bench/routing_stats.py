@@ -15,10 +15,9 @@ from collections import OrderedDict
 
 import pandas as pd
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
-from .builtin_model import builtin_checkpoint
-from .checkpoint import resolve_checkpoint
+from .checkpoint import load_tokenizer, resolve_checkpoint
 from .errors import UsageError
 from .families import MoELayer, find_moe_layers, router_of
 from .predictor_training import capture, generate_sequences
@@ -104,10 +103,10 @@ def routing_report(model: str, workload, compare_random: bool) -> pd.DataFrame:
     """The statistics table of `model` on `workload` (its greedy continuations of the workload's
     prompts); with `compare_random`, side by side with a randomly initialised model of the same
     config (seed 0) measured on the very same token sequences."""
-    path = builtin_checkpoint() if model == "builtin" else resolve_checkpoint(model)
-    if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
+    path = resolve_checkpoint(model)
+    tokenizer = load_tokenizer(path)
+    if tokenizer is None:
         raise UsageError(f"{path} has no tokenizer: routing statistics need text prompts")
-    tokenizer = AutoTokenizer.from_pretrained(path)
     trained = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     prompts = build_requests(workload, lambda text: tokenizer(text)["input_ids"], trained.config.vocab_size)
     sequences = generate_sequences(trained, prompts, workload.output_tokens)
