@@ -9,15 +9,17 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from . import provenance
+from . import provenance, timeline
 from .checkpoint import LoadedModel, load_checkpoint
 from .config import RunConfig, cache_capacity
 from .errors import UsageError
 from .generation import generate, left_pad
 from .links import CudaLink, EmulatedLink
+from .meter import PhaseMeter
 from .offload import OffloadRuntime
 from .predictors import LearnedPredictors, load_predictors, model_fingerprint
 from .results import RunWriter
+from .statistics import statistics_table
 from .strategies import available, resolve
 from .summary import summarize
 from .trace import RoutingTrace
@@ -33,6 +35,10 @@ class StrategyRun:
     layers: list[dict]
     tokens: list[torch.Tensor]  # per batch, [B, N] of the last repeat
     link: dict
+    timeline: pd.DataFrame  # every timed event (promoe_bench/timeline.py); empty when not detailed
+    phases: list[dict]  # the meter's row per (repeat, batch, phase)
+    samples: pd.DataFrame  # the meter's samples, `t_s` on the timeline's clock
+    unmeasured: dict[str, str]  # metric -> why this machine could not measure it
 
 
 @dataclass(frozen=True)
@@ -71,11 +77,14 @@ def make_link(cfg: RunConfig, device: torch.device):
 
 
 def run_strategy(loaded: LoadedModel, strategy, capacity: int, cfg: RunConfig, device, batches: list[Batch],
-                 progress, predictors: dict | None = None, trace: RoutingTrace | None = None) -> StrategyRun:
+                 progress, predictors: dict | None = None, trace: RoutingTrace | None = None,
+                 detail: bool = True) -> StrategyRun:
     link = make_link(cfg, device)
-    runtime = OffloadRuntime(loaded, strategy, capacity, link, device, predictors, trace)
+    runtime = OffloadRuntime(loaded, strategy, capacity, link, device, predictors, trace, detail)
+    meter = PhaseMeter(device, link)
+    meter.start()
     gen_len = cfg.workload.output_tokens
-    requests, steps, tokens = [], [], []
+    requests, steps, tokens, phases = [], [], [], []
     try:
         for repeat in range(cfg.warmup + cfg.repeats):  # warm-up repeats first, recorded but flagged
             tokens = []
@@ -83,8 +92,9 @@ def run_strategy(loaded: LoadedModel, strategy, capacity: int, cfg: RunConfig, d
                 context = {"strategy": strategy.label, "repeat": repeat, "warmup": repeat < cfg.warmup,
                            "batch": number}
                 result = generate(loaded.model, batch.input_ids.to(device), gen_len, runtime,
-                                  attention_mask=batch.attention_mask, **context)
+                                  attention_mask=batch.attention_mask, meter=meter, **context)
                 tokens.append(result.tokens)
+                phases += [{**context, **row} for row in result.phases]
                 ttft, decode = result.step_seconds[0], result.step_seconds[1:]
                 tpot = sum(decode) / len(decode) if decode else float("nan")
                 for request, prompt in zip(batch.requests, batch.prompts, strict=True):
@@ -97,9 +107,15 @@ def run_strategy(loaded: LoadedModel, strategy, capacity: int, cfg: RunConfig, d
                     steps.append({**context, "phase": phase, "step": step, "tokens": produced, "seconds": seconds})
                 progress.update(1)
     finally:
+        meter.close()
         runtime.close()
+    clock = runtime.recorder.clock
+    samples = pd.DataFrame(meter.samples)
+    samples.insert(0, "strategy", strategy.label)
+    samples.insert(1, "t_s", samples.pop("t") - clock.host_origin_ns * 1e-9)
     return StrategyRun(strategy.label, capacity, requests, steps, runtime.recorder.rows, tokens,
-                       {**link.describe(), "achieved_gbps": link.counters.achieved_gbps})
+                       {**link.describe(), "achieved_gbps": link.counters.achieved_gbps},
+                       timeline.frame(runtime.timeline()), phases, samples, dict(meter.missing))
 
 
 def routing_trace(strategy_run: StrategyRun) -> RoutingTrace:
@@ -113,7 +129,7 @@ def record_routing(loaded: LoadedModel, cfg: RunConfig, device, batches: list[Ba
     quiet = tqdm(disable=True)
     once = dataclasses.replace(cfg, warmup=0, repeats=1)
     full = resolve("full_gpu")[0]
-    return run_strategy(loaded, full, loaded.store.num_experts, once, device, batches, quiet)
+    return run_strategy(loaded, full, loaded.store.num_experts, once, device, batches, quiet, detail=False)
 
 
 def learned_predictors(cfg: RunConfig, loaded: LoadedModel, strategies) -> LearnedPredictors | None:
@@ -190,7 +206,9 @@ def run(cfg: RunConfig) -> tuple[pd.DataFrame, Path]:
                 meta["trace"] = "recorded by the full_gpu run"
             meta["strategies"][strategy.label] = {"cache_slots_per_layer": capacity,
                                                   "cache_bytes": capacity * store.num_layers * store.layout.nbytes,
-                                                  "link": runs[-1].link}
+                                                  "link": runs[-1].link, "unmeasured": runs[-1].unmeasured}
+            writer.timeline(len(runs) - 1, runs[-1].timeline)
+            runs[-1].timeline = None  # on disk now; a run's timelines together can take gigabytes
             summary = _write_tables(writer, runs, cfg, reference)
             writer.metadata(meta)
         meta["status"] = "complete"
@@ -222,9 +240,13 @@ def _write_tables(writer: RunWriter, runs: list[StrategyRun], cfg: RunConfig, re
     requests = pd.DataFrame([row for run in runs for row in run.requests])
     steps = pd.DataFrame([row for run in runs for row in run.steps])
     layers = pd.DataFrame([row for run in runs for row in run.layers])
+    phases = pd.DataFrame([row for run in runs for row in run.phases])
+    samples = pd.concat([run.samples for run in runs], ignore_index=True)
     reference = reference if reference is not None else runs[0].tokens
     matches = {run.label: all(map(torch.equal, run.tokens, reference)) for run in runs}
     summary = summarize(requests, steps, layers, cfg.baseline, matches)
-    for name, frame in (("requests", requests), ("steps", steps), ("layers", layers), ("summary", summary)):
+    tables = {"requests": requests, "steps": steps, "layers": layers, "phases": phases, "samples": samples,
+              "statistics": statistics_table(requests), "summary": summary}
+    for name, frame in tables.items():
         writer.table(name, frame)
     return summary

@@ -48,6 +48,10 @@ class ExpertCache:
     def residents(self, layer: int) -> list[int]:
         return list(self._entries[layer])
 
+    def occupied_slots(self) -> int:
+        """Slots holding an expert or receiving one, over all layers."""
+        return sum(map(len, self._entries))
+
     def begin_forward(self, layer: int, order: list[int]) -> None:
         self._pending[layer] = list(order)
 

@@ -59,6 +59,8 @@ def main():
 def run(**options):
     """Run strategies on one model and workload; print a comparison and write a run folder."""
     from .bench import run as run_benchmark  # torch and transformers load only for commands that need them
+    from .results import load_run
+    from .statistics import variability_warnings
     from .summary import format_table
 
     workload = _workload(**{k: options.pop(k) for k in ("workload", "workload_file", "prompt_len", "gen_len",
@@ -73,6 +75,8 @@ def run(**options):
         click.echo(f"note: no speedups: the baseline {cfg.baseline} was not among the strategies run", err=True)
     if not summary["tokens_match"].all():
         click.echo("warning: some strategies produced different tokens than full_gpu (see summary.csv)", err=True)
+    for line in variability_warnings(load_run(out)[1]["statistics"]):
+        click.echo(f"warning: {line}", err=True)
     click.echo(f"wrote {out}")
 
 
@@ -171,6 +175,36 @@ def train_predictor(model, workload, num_requests, gen_len, exclude_workload, di
 
 
 @main.command()
+@click.argument("run_folder", type=click.Path(path_type=Path))
+@click.option("--strategy", default=None, help="One strategy of the run [default: all, one process each].")
+@click.option("--repeat", type=int, default=None, help="Which repeat [default: the first measured one].")
+@click.option("--steps", default=None, help="Generation steps A:B (B excluded), A:, :B or A; 0 is the prefill.")
+@click.option("--max-events", type=int, default=500_000, show_default=True,
+              help="Cap: whole steps are kept in order while they fit, so a long run still opens.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="The trace's JSON file.")
+def trace(run_folder, strategy, repeat, steps, max_events, out):
+    """Export a run's timeline as Chrome trace JSON (open in ui.perfetto.dev or chrome://tracing)."""
+    import json
+
+    from .chrome_trace import chrome_trace, parse_steps, select
+    from .results import load_run, load_timeline
+
+    if max_events < 1:
+        raise UsageError(f"--max-events must be at least 1, got {max_events}")
+    if out.is_dir():
+        raise UsageError(f"--out {out} is a folder; give a file name such as trace.json")
+    _, tables = load_run(run_folder)
+    rows, note = select(load_timeline(run_folder), strategy, repeat, parse_steps(steps or ":"), max_events)
+    document = chrome_trace(rows, tables.get("samples"))
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(document))
+    tmp.replace(out)  # a half-written trace never replaces a good one
+    if note:
+        click.echo(f"note: {note}", err=True)
+    click.echo(f"wrote {out}: {len(document['traceEvents'])} events; open it in ui.perfetto.dev")
+
+
+@main.command()
 def strategies():
     """List the registered offload strategies."""
     from .strategies import available
@@ -191,6 +225,16 @@ def models():
     click.echo(f"{'builtin':<12} small mixtral-style MoE trained on Python's docs ({shape}), in {BUILTIN_DIR}")
     for family in SUPPORTED_FAMILIES:
         click.echo(f"{family:<12} any Hugging Face checkpoint of this family (folder or hub id)")
+
+
+@main.command()
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
+def doctor(device):
+    """What this machine offers: torch, the device, NVML counters, host-to-device bandwidth, model families."""
+    from .doctor import report
+
+    for line in report(RunConfig(device=device).torch_device()):  # RunConfig validates --device
+        click.echo(line)
 
 
 if __name__ == "__main__":

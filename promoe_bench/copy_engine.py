@@ -7,13 +7,15 @@ back to back and shows them to compute only when all have landed (the ablation o
 """
 
 import threading
+import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum
 
 from .cache import NUM_CHUNKS, Entry, ExpertCache
 from .expert_store import ExpertStore
 from .slot_pool import SlotPool
+from .timeline import event
 
 
 class Priority(IntEnum):
@@ -29,6 +31,8 @@ class CopyTask:
     chunked: bool
     entry: Entry | None = None  # claimed when the worker starts the task
     cancelled: bool = False  # dropped while its chunk was on the link: forgotten once it lands
+    dropped: bool = False  # dropped by early preemption, before or while being copied
+    queued_ns: int = field(default_factory=time.perf_counter_ns)
 
 
 @dataclass
@@ -45,6 +49,7 @@ class CopyEngine:
     def __init__(self, store: ExpertStore, pool: SlotPool, cache: ExpertCache, link):
         self.store, self.pool, self.cache, self.link = store, pool, cache, link
         self.counters = CopyCounters([0] * store.num_layers, [0] * store.num_layers)
+        self._landed: list[dict] = []  # timeline rows of chunks landed since `take_counters`
         self._cv = threading.Condition()
         self._queues = {Priority.HIGH: deque(), Priority.LOW: deque()}
         self._tasks: dict[tuple[int, int], CopyTask] = {}
@@ -84,6 +89,7 @@ class CopyEngine:
         with self._cv:
             dropped = [t for t in self._queues[Priority.LOW] if t.layer == layer and not t.cancelled]
             for task in dropped:
+                task.dropped = True
                 if task is self._active:
                     task.cancelled = True
                 else:
@@ -134,6 +140,15 @@ class CopyEngine:
             self.cache.in_use.discard((layer, expert))
             self.cache.computed(layer, expert)
             self._cv.notify_all()
+
+    def take_counters(self) -> tuple[list[int], list[int], list[int], list[int], list[dict]]:
+        """Cumulative copies, bytes, evictions and wasted bytes per layer, and the timeline rows of the
+        chunks landed since the last call, taken together so that they always agree. A row's `task` is
+        its CopyTask, to read `dropped` from once the run is over (a task may be dropped later)."""
+        with self._cv:
+            landed, self._landed = self._landed, []
+            return (list(self.counters.copies), list(self.counters.bytes), list(self.cache.evictions),
+                    list(self.cache.wasted_bytes), landed)
 
     def idle(self) -> None:
         """Block until every queued copy has landed (used between phases, never inside a step)."""
@@ -186,10 +201,14 @@ class CopyEngine:
                 for chunk in range(first, last):
                     src = self.store.chunk(task.layer, task.expert, chunk)
                     dst = self.pool.chunk(entry.slot, chunk)
-                    landed = self.link.copy(dst, src, self.pool.released_event(entry.slot))
+                    transfer = self.link.copy(dst, src, self.pool.released_event(entry.slot))
+                    nbytes = src.numel() * src.element_size()
                     with self._cv:
-                        entry.events.append(landed)
-                        self.counters.bytes[task.layer] += src.numel() * src.element_size()
+                        entry.events.append(transfer.landed)
+                        self.counters.bytes[task.layer] += nbytes
+                        self._landed.append({**event(None, task.layer, "copy", "chunk", transfer.start, transfer.end,
+                                                     bytes=nbytes, expert=task.expert, priority=task.priority.name,
+                                                     queued_s=task.queued_ns), "task": task})
                         if task.chunked or chunk + 1 == NUM_CHUNKS:  # unchunked: compute sees whole experts only
                             entry.chunks_ready = len(entry.events)
                         finished = entry.ready or (task.cancelled and task.chunked)

@@ -6,6 +6,7 @@ or None). It knows nothing of priorities or caches; the copy engine decides what
 
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy
 import torch
@@ -20,6 +21,15 @@ class LinkCounters:
     @property
     def achieved_gbps(self) -> float | None:
         return self.bytes / self.busy_s / 1e9 if self.busy_s else None
+
+
+class Transfer(NamedTuple):
+    """One chunk's copy: what compute waits on (a CUDA event, or None), and when the copy started and
+    ended as clock stamps (timing events on CUDA, perf_counter_ns on the CPU)."""
+
+    landed: object
+    start: object
+    end: object
 
 
 class EmulatedLink:
@@ -40,8 +50,9 @@ class EmulatedLink:
         self._last_end = float("-inf")  # perf_counter seconds when the previous copy returned
         self._lateness = 0.0  # how far past its deadline the previous copy returned
 
-    def copy(self, dst: torch.Tensor, src: torch.Tensor, after=None) -> None:
-        start = time.perf_counter()
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, after=None) -> Transfer:
+        start_ns = time.perf_counter_ns()
+        start = start_ns * 1e-9
         # a plain single-threaded memcpy: torch's copy_ would wake its intra-op threads, which fight
         # compute for the cores of a small machine (measured: 1 MiB in 4.8 ms instead of 0.03 ms)
         numpy.copyto(dst.view(torch.uint8).numpy(), src.view(torch.uint8).numpy())
@@ -53,11 +64,13 @@ class EmulatedLink:
             time.sleep(remaining - 1e-4)
         while time.perf_counter() < deadline:
             time.sleep(0)
-        end = time.perf_counter()
+        end_ns = time.perf_counter_ns()
+        end = end_ns * 1e-9
         self._last_end, self._lateness = end, end - deadline
         self.counters.bytes += nbytes
         self.counters.copies += 1
         self.counters.busy_s += end - start
+        return Transfer(None, start_ns, end_ns)
 
     def describe(self) -> dict:
         return {"kind": "emulated", "gbps": self.gbps, "latency_us": self.latency_s * 1e6}
@@ -66,18 +79,18 @@ class EmulatedLink:
 class CudaLink:
     """Asynchronous copies from pinned host memory on a dedicated copy stream, an event per chunk."""
 
-
     def __init__(self, device: torch.device):
         self.stream = torch.cuda.Stream(device)
         self.counters = LinkCounters()
 
-    def copy(self, dst: torch.Tensor, src: torch.Tensor, after=None) -> "torch.cuda.Event":
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, after=None) -> Transfer:
         start = time.perf_counter()
         with torch.cuda.stream(self.stream):
             if after is not None:  # the slot's previous expert may still be in use by queued compute
                 self.stream.wait_event(after)
+            started, landed = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            started.record(self.stream)
             dst.copy_(src, non_blocking=True)
-            landed = torch.cuda.Event()
             landed.record(self.stream)
         # The worker waits for each chunk so a HIGH task can overtake at the next chunk boundary;
         # this blocks the copy thread only, never compute.
@@ -85,7 +98,7 @@ class CudaLink:
         self.counters.bytes += src.numel() * src.element_size()
         self.counters.copies += 1
         self.counters.busy_s += time.perf_counter() - start
-        return landed
+        return Transfer(landed, started, landed)
 
     def describe(self) -> dict:
         return {"kind": "cuda", "stream": "dedicated copy stream"}

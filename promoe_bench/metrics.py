@@ -1,30 +1,50 @@
 """Per-layer, per-step measurements of one generation, taken with a clock that does not stall the device.
 
-On CUDA a stamp is an event recorded on the compute stream, resolved once at the end of the step; on the
-CPU it is perf_counter_ns. Records come out as plain dicts, one per (step, layer): the rows of layers.csv.
+On CUDA a stamp is an event recorded on the current stream, resolved once at the end of the step; on
+the CPU it is perf_counter_ns. Two outputs, both plain dicts:
+- `rows`, one per (step, layer): the rows of layers.csv;
+- `timeline`, one per event (columns `timeline.COLUMNS`): the rows of timeline.csv.gz.
+With `detail=False` only the step's own start and end are stamped (layer timings are blank and the
+timeline empty): what the instrumentation-overhead benchmark compares against.
 """
 
+import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from .timeline import event
+
 
 class Clock:
+    """One time base for a run: stamps become seconds since the clock was made (`at`)."""
+
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
+        if self.cuda:  # every event of the run is measured from this one (events of any stream compare)
+            self._origin = torch.cuda.Event(enable_timing=True)
+            self._origin.record()
+            self._origin.synchronize()
+        # host times (when a copy was queued) use this origin; on CUDA it is the origin event's moment,
+        # give or take the microseconds of a synchronize
+        self.host_origin_ns = time.perf_counter_ns()
 
     def stamp(self):
         if not self.cuda:
             return time.perf_counter_ns()
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        return event
+        stamp = torch.cuda.Event(enable_timing=True)
+        stamp.record()
+        return stamp
 
-    def seconds(self, start, end) -> float:
+    def at(self, stamp) -> float:
+        """Seconds since the origin; a CUDA stamp must have completed (after `sync`)."""
         if not self.cuda:
-            return (end - start) * 1e-9
-        return start.elapsed_time(end) * 1e-3  # elapsed_time is in ms; needs `end` to have completed
+            return (stamp - self.host_origin_ns) * 1e-9
+        return self._origin.elapsed_time(stamp) * 1e-3  # elapsed_time is in ms
+
+    def host_at(self, perf_counter_ns: int) -> float:
+        return (perf_counter_ns - self.host_origin_ns) * 1e-9
 
     def sync(self) -> None:
         """End of a timed region: the device has finished everything stamped so far."""
@@ -38,70 +58,93 @@ class _LayerStamps:
     router_end: object = None
     experts_end: object = None
     block_end: object = None
-    stalls: list = None  # (start, end) pairs around waits for copies
+    stalls: list = field(default_factory=list)  # (start, end) pairs around waits for copies
+    experts: list = field(default_factory=list)  # (expert, start, end) of each expert's compute
+    predictions: list = field(default_factory=list)  # (target, start, end) of predictions made from here
     routed: tuple = ()  # distinct experts in routing order
     hits: int = 0
     late: frozenset = frozenset()  # routed experts compute had to wait for
     predicted: tuple | None = None  # what a predictor guessed for this layer, when one did
-    predict_s: float = 0.0  # spent predicting later layers from this layer's input
+    predict_s: float = 0.0  # spent predicting later layers from this layer's input (host time)
+    occupied_bytes: int = 0  # bytes of cache slots in use when the layer's experts were done
 
 
 class StepRecorder:
-    """Collects stamps during a forward; `finish_step` turns them into per-layer rows."""
+    """Collects stamps during a forward; `finish_step` turns them into per-layer rows and timeline events."""
 
-    def __init__(self, clock: Clock, num_layers: int):
+    def __init__(self, clock: Clock, num_layers: int, detail: bool = True):
         self.clock = clock
         self.num_layers = num_layers
+        self.detail = detail
         self.rows: list[dict] = []
+        self._timeline: list[tuple] = []  # (context, row) pairs; rows become dicts in `timeline` only
         self._layers: list[_LayerStamps] = []
         self._step_start = None
         self._context: dict = {}
 
+    def stamp(self):
+        """A detail stamp: None when only steps are timed."""
+        return self.clock.stamp() if self.detail else None
+
     def begin_step(self, **context) -> None:
         self._context = context
-        self._layers = [_LayerStamps(stalls=[]) for _ in range(self.num_layers)]
+        self._layers = [_LayerStamps() for _ in range(self.num_layers)]
         self._step_start = self.clock.stamp()
 
     def block_start(self, layer: int) -> None:
-        self._layers[layer].block_start = self.clock.stamp()
+        self._layers[layer].block_start = self.stamp()
 
     def router_end(self, layer: int, routed: list[int], hits: int) -> None:
         stamps = self._layers[layer]
-        stamps.router_end = self.clock.stamp()
+        stamps.router_end = self.stamp()
         stamps.routed, stamps.hits = tuple(routed), hits
 
     def stall(self, layer: int, start, end) -> None:
         self._layers[layer].stalls.append((start, end))
 
-    def predicted(self, source: int, target: int, experts: list[int], seconds: float) -> None:
+    def expert(self, layer: int, expert: int, start, end) -> None:
+        if self.detail:
+            self._layers[layer].experts.append((expert, start, end))
+
+    def predicted(self, source: int, target: int, experts: list[int], seconds: float, start=None, end=None) -> None:
         earlier = self._layers[target].predicted or ()  # several sources may guess one target: the union
         self._layers[target].predicted = tuple(dict.fromkeys(earlier + tuple(experts)))
         self._layers[source].predict_s += seconds
+        if self.detail:
+            self._layers[source].predictions.append((target, start, end))
 
-    def experts_end(self, layer: int, late: set[int]) -> None:
+    def experts_end(self, layer: int, late: set[int], occupied_bytes: int) -> None:
         stamps = self._layers[layer]
-        stamps.experts_end = self.clock.stamp()
+        stamps.experts_end = self.stamp()
         stamps.late = frozenset(late)
+        stamps.occupied_bytes = occupied_bytes
 
     def block_end(self, layer: int) -> None:
-        self._layers[layer].block_end = self.clock.stamp()
+        self._layers[layer].block_end = self.stamp()
 
-    def finish_step(self, copies: list[int], nbytes: list[int], evictions: list[int], wasted: list[int]) -> float:
-        """Resolve the step's stamps (after clock.sync()) into rows; returns the step's seconds."""
+    def finish_step(self, copies: list[int], nbytes: list[int], evictions: list[int], wasted: list[int],
+                    chunks: list[dict] = ()) -> float:
+        """Resolve the step's stamps into rows (one device sync); `chunks` are the copy engine's records
+        of chunks landed since the previous step. Returns the step's seconds."""
         step_end = self.clock.stamp()
         self.clock.sync()
-        seconds = self.clock.seconds
+        at = self.clock.at
+        step_start = at(self._step_start)
+
+        def span(start, end) -> float:
+            return at(end) - at(start) if start is not None and end is not None else math.nan
+
         previous_end = self._step_start
         for layer, stamps in enumerate(self._layers):
-            stall = sum(seconds(a, b) for a, b in stamps.stalls)
+            stall = sum(span(a, b) for a, b in stamps.stalls) if self.detail else math.nan
             predicted = set(stamps.predicted or ()) & set(stamps.routed)
             self.rows.append(
                 {
                     **self._context,
                     "layer": layer,
-                    "non_expert_s": seconds(previous_end, stamps.block_start),
-                    "router_s": seconds(stamps.block_start, stamps.router_end),
-                    "expert_s": seconds(stamps.router_end, stamps.experts_end) - stall,
+                    "non_expert_s": span(previous_end, stamps.block_start),
+                    "router_s": span(stamps.block_start, stamps.router_end),
+                    "expert_s": span(stamps.router_end, stamps.experts_end) - stall,
                     "stall_s": stall,
                     "routed": " ".join(map(str, stamps.routed)),
                     "hits": stamps.hits,
@@ -118,5 +161,39 @@ class StepRecorder:
                     "wasted_bytes": wasted[layer],
                 }
             )
+            if self.detail:
+                self._layer_events(layer, stamps, previous_end)
             previous_end = stamps.block_end
-        return seconds(self._step_start, step_end)
+        step = self._context.get("step")
+        if self.detail:
+            self._event(step, None, "compute", "head", at(previous_end), at(step_end))  # final norm, LM head
+            for chunk in chunks:
+                chunk.update(step=step, start_s=at(chunk["start_s"]), end_s=at(chunk["end_s"]),
+                             queued_s=self.clock.host_at(chunk["queued_s"]))
+                self._timeline.append((self._context, chunk))
+        self._event(step, None, "compute", "step", step_start, at(step_end))
+        return at(step_end) - step_start
+
+    @property
+    def timeline(self) -> list[dict]:
+        """Every event so far as a row: the run context, then `timeline.COLUMNS`."""
+        return [{**context, **(row if isinstance(row, dict) else event(*row[:6], **row[6]))}
+                for context, row in self._timeline]
+
+    def _event(self, step, layer, lane, kind, start, end, **fields) -> None:
+        # kept as a tuple until asked for: building dicts here would cost the step several per cent
+        self._timeline.append((self._context, (step, layer, lane, kind, start, end, fields)))
+
+    def _layer_events(self, layer: int, stamps: _LayerStamps, previous_end) -> None:
+        at, step = self.clock.at, self._context.get("step")
+        self._event(step, layer, "compute", "non_expert", at(previous_end), at(stamps.block_start))
+        self._event(step, layer, "compute", "moe", at(stamps.block_start), at(stamps.block_end))
+        self._event(step, layer, "compute", "router", at(stamps.block_start), at(stamps.router_end))
+        for expert, start, end in stamps.experts:
+            self._event(step, layer, "compute", "expert", at(start), at(end), expert=expert)
+        for start, end in stamps.stalls:
+            self._event(step, layer, "compute", "stall", at(start), at(end))
+        for target, start, end in stamps.predictions:
+            self._event(step, layer, "predictor", "predict", at(start), at(end), target=target)
+        end = at(stamps.experts_end)
+        self._event(step, layer, "cache", "occupancy", end, end, bytes=stamps.occupied_bytes)

@@ -37,9 +37,10 @@ class OffloadRuntime:
     """Implements the strategies' Environment on a real model; one instance per strategy run."""
 
     def __init__(self, loaded: LoadedModel, strategy, capacity: int, link, device: torch.device,
-                 predictors: dict | None = None, trace: RoutingTrace | None = None):
+                 predictors: dict | None = None, trace: RoutingTrace | None = None, detail: bool = True):
         """`predictors`: name -> predictor beyond `gate` (e.g. `learned`); `trace`: the workload's
-        recorded routing, for the oracle predictor and policies that read the future."""
+        recorded routing, for the oracle predictor and policies that read the future; `detail`: time
+        layers, experts, predictions and copies (the timeline), not just steps."""
         self.loaded = loaded
         self.strategy = strategy
         store = loaded.store
@@ -54,7 +55,7 @@ class OffloadRuntime:
         self.pool = SlotPool(store.num_layers * capacity, store.layout, device)
         self.engine = CopyEngine(store, self.pool, self.cache, link)
         self.link = link
-        self.recorder = StepRecorder(Clock(device), store.num_layers)
+        self.recorder = StepRecorder(Clock(device), store.num_layers, detail)
         self._hooks = []
         for layer in loaded.layers:
             layer.experts._promoe_offload = (self, layer.index)
@@ -63,7 +64,7 @@ class OffloadRuntime:
         loaded.model.set_experts_implementation(IMPLEMENTATION)
         strategy.setup(self)
         self.engine.idle()
-        self._counted = self._counters()
+        self._counted = self.engine.take_counters()[:-1]  # copies made while setting up belong to no step
 
     # -- Environment -----------------------------------------------------------------------------
 
@@ -99,12 +100,16 @@ class OffloadRuntime:
         if predictor == "oracle":
             if self.trace is None:
                 raise RuntimeError("the oracle predictor needs the workload's recorded routing")
+            stamps = (self.recorder.stamp(),)
             ranked = list(self.trace.at(target, self._positions[target]))
+            stamps += (self.recorder.stamp(),)
         else:
-            with self._off_compute_stream():
+            with self._off_compute_stream():  # stamped on the predictor's stream
+                stamps = (self.recorder.stamp(),)
                 picks, probs = self.predictors[predictor](layer, target, self._inputs[layer])
                 ranked = rank(picks, probs, self.shape.num_experts, min_prob)
-        self.recorder.predicted(layer, target, ranked, time.perf_counter() - start)
+                stamps += (self.recorder.stamp(),)
+        self.recorder.predicted(layer, target, ranked, time.perf_counter() - start, *stamps)
         return ranked
 
     # -- hooks ---------------------------------------------------------------------------------
@@ -138,6 +143,7 @@ class OffloadRuntime:
         for expert in order:
             token_idx, k_pos = torch.where(top_k_index == expert)  # [n], [n]
             entry, stalled = self._wait(layer, expert, 2)  # gate and up landed; down may still be copying
+            start = self.recorder.stamp()
             slot = entry.slot
             gate_up = self._gate_up(slot, module, hidden_states[token_idx])  # [n, 2I]
             if self._wait(layer, expert, 3)[1] or stalled:
@@ -148,10 +154,11 @@ class OffloadRuntime:
             if down_bias is not None:
                 out = out + down_bias
             output.index_add_(0, token_idx, (out * top_k_weights[token_idx, k_pos, None]).to(output.dtype))
+            self.recorder.expert(layer, expert, start, self.recorder.stamp())
             self.pool.mark_released(slot)
             self.engine.release(layer, expert)
         self.strategy.after_layer(self, layer, order)
-        self.recorder.experts_end(layer, late)
+        self.recorder.experts_end(layer, late, self.cache.occupied_slots() * self.shape.expert_bytes)
         return output
 
     def _gate_up(self, slot, module, x):
@@ -169,27 +176,34 @@ class OffloadRuntime:
         return torch.stack(projections, dim=-1).flatten(-2)  # interleaved: g0 u0 g1 u1 ...
 
     def _wait(self, layer, expert, chunks):
-        start = self.recorder.clock.stamp()
+        start = self.recorder.stamp()
         entry, stalled = self.engine.wait(layer, expert, chunks)
         if entry.events[chunks - 1] is not None:  # CUDA: compute queues behind the chunk's copy event
             torch.cuda.current_stream().wait_event(entry.events[chunks - 1])
         if stalled:
-            self.recorder.stall(layer, start, self.recorder.clock.stamp())
+            self.recorder.stall(layer, start, self.recorder.stamp())
         return entry, stalled
 
     # -- steps -----------------------------------------------------------------------------------
 
-    def _counters(self):
-        counters = self.engine.counters
-        return list(counters.copies), list(counters.bytes), list(self.cache.evictions), list(self.cache.wasted_bytes)
-
     def finish_step(self) -> float:
-        """Close the step's records; copy counters are attributed to the step in which they landed."""
-        now = self._counters()
+        """Close the step's records; copies are attributed to the step in which they landed."""
+        *now, landed = self.engine.take_counters()
         deltas = [[b - a for a, b in zip(before, after, strict=True)]
                   for before, after in zip(self._counted, now, strict=True)]
         self._counted = now
-        return self.recorder.finish_step(*deltas)
+        return self.recorder.finish_step(*deltas, landed)
+
+    def timeline(self) -> list[dict]:
+        """The run's timeline rows (`timeline.COLUMNS` and the run context); call once the run is over,
+        when every copy task has either completed or been dropped."""
+        rows = []
+        for row in self.recorder.timeline:
+            if "task" in row:
+                row = dict(row, preempted=row["task"].dropped)
+                del row["task"]
+            rows.append(row)
+        return rows
 
     def close(self) -> None:
         self.engine.close()

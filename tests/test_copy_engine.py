@@ -6,6 +6,7 @@ sleeps for ordering. Every blocking wait has a timeout so a regression fails ins
 
 import random
 import threading
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -14,7 +15,7 @@ import torch
 from promoe_bench.cache import NUM_CHUNKS, ExpertCache
 from promoe_bench.copy_engine import CopyEngine, Priority
 from promoe_bench.expert_store import ExpertLayout, ExpertStore
-from promoe_bench.links import EmulatedLink
+from promoe_bench.links import EmulatedLink, Transfer
 from promoe_bench.policies import LRU
 from promoe_bench.slot_pool import SlotPool
 
@@ -46,12 +47,14 @@ class ScriptedLink:
         self._permits = threading.Semaphore(0)
 
     def copy(self, dst, src, after=None):
+        start = time.perf_counter_ns()
         self.log.append(identity(src))
         if self.held:
             self._arrived.release()
             if not self._permits.acquire(timeout=TIMEOUT):
                 raise TimeoutError("test never let the held chunk through")
         dst.copy_(src)
+        return Transfer(None, start, time.perf_counter_ns())
 
     def next_held(self) -> tuple[int, int, int]:
         """Wait until the worker is held on a chunk; that chunk."""
@@ -317,6 +320,25 @@ def test_drop_low_of_a_partly_copied_waiting_task_gives_its_slot_back(make_engin
     idle(t)
     assert holds_expert(t, 0, 3)
     assert t.cache.evictions == [0, 0]
+
+
+def test_landed_chunks_are_reported_once_with_their_bytes_and_whether_their_task_was_dropped(make_engine):
+    t = make_engine(ScriptedLink(held=True), capacity=1)
+    t.engine.request(0, 1, LOW)
+    assert t.link.next_held() == (0, 1, 0)
+    t.engine.request(1, 2, HIGH)
+    t.link.let_one_through()
+    assert t.link.next_held() == (1, 2, 0)
+    t.engine.drop_low(0)  # (0, 1) had one chunk landed: it was copied, then dropped
+    t.link.open()
+    idle(t)
+    copies, nbytes, _, _, landed = t.engine.take_counters()
+    assert [(row["layer"], row["expert"], row["priority"]) for row in landed] == [(0, 1, "LOW")] + [(1, 2, "HIGH")] * 3
+    assert [row["task"].dropped for row in landed] == [True, False, False, False]
+    assert sum(row["bytes"] for row in landed) == sum(nbytes) == 4 * t.cache.chunk_bytes[0]
+    assert all(row["queued_s"] <= row["start_s"] <= row["end_s"] for row in landed)
+    assert copies == [0, 1]
+    assert t.engine.take_counters()[-1] == []  # each chunk is reported once
 
 
 def test_a_dropped_expert_requested_again_is_copied(make_engine):

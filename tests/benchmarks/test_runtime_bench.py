@@ -2,18 +2,26 @@
 
 - the emulated link's achieved bandwidth against its setting (extra_info: setting, achieved, ratio);
 - one decode step of the offload runtime under full_gpu against transformers' own forward on the same
-  model (same group: the table's ratio column is the runtime's per-step overhead).
+  model (same group: the table's ratio column is the runtime's per-step overhead);
+- one decode step of the built-in model under promoe, all experts cached, with the timeline on and off
+  (same group: the ratio is the instrumentation's overhead).
 
 In the normal test run (--benchmark-disable) each body runs once, so they stay working.
 """
+
+import statistics
+import time
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
+from promoe_bench.builtin_model import BUILTIN_DIR, builtin_checkpoint
 from promoe_bench.checkpoint import load_checkpoint
+from promoe_bench.copy_engine import Priority
 from promoe_bench.links import EmulatedLink
 from promoe_bench.offload import OffloadRuntime
+from promoe_bench.predictors import load_predictors, model_fingerprint
 from promoe_bench.strategies import parse
 
 from ..checkpoints import write_checkpoint
@@ -86,3 +94,46 @@ def test_decode_step_offload_runtime_full_gpu(benchmark, mixtral_folder):
         runtime.close()
     assert logits.shape == (1, 1, 96)
     assert sum(row["bytes"] for row in runtime.recorder.rows) == 0
+
+
+@pytest.fixture(scope="module")
+def builtin_promoe():
+    """The built-in model under promoe with every expert cached: nothing is copied, so a step is all
+    compute and instrumentation (per layer, expert and prediction stamps), the overhead's worst case."""
+    loaded = load_checkpoint(str(builtin_checkpoint()), torch.device("cpu"))
+    predictors = load_predictors(BUILTIN_DIR / "promoe_predictors", model_fingerprint(loaded.config, loaded.layers))
+    return loaded, {"learned": predictors}
+
+
+@pytest.mark.benchmark(group="decode step: instrumentation overhead (built-in model, promoe, all cached)")
+def test_decode_step_instrumentation_overhead(benchmark, builtin_promoe):
+    """Timeline on and off alternate step by step in one runtime, so that the machine's drift hits both
+    alike; extra_info holds each one's median step and their ratio (the overhead)."""
+    loaded, predictors = builtin_promoe
+    runtime = OffloadRuntime(loaded, parse("promoe"), loaded.store.num_experts, EmulatedLink(50, 0),
+                             torch.device("cpu"), predictors)
+    for layer in range(loaded.store.num_layers):  # everything cached before the first step: no stalls
+        for expert in range(loaded.store.num_experts):
+            runtime.request(layer, expert, Priority.HIGH)
+    runtime.engine.idle()
+    setup, step = decode_step(Forward(loaded.model, runtime))
+    seconds = {True: [], False: []}
+
+    def pair(cache):
+        order = (True, False) if len(seconds[True]) % 2 else (False, True)  # neither always goes first
+        for detail in order:
+            runtime.recorder.detail = detail
+            start = time.perf_counter()  # the whole call: the step and its bookkeeping after it
+            step(cache)
+            seconds[detail].append(time.perf_counter() - start)
+
+    try:
+        benchmark.pedantic(pair, setup=setup, rounds=300, warmup_rounds=10)
+    finally:
+        runtime.close()
+    on, off = (statistics.median(seconds[detail]) for detail in (True, False))
+    benchmark.extra_info.update(median_step_ms_timeline_on=on * 1e3, median_step_ms_timeline_off=off * 1e3,
+                                overhead=on / off - 1)
+    kinds = {row["kind"] for row in runtime.timeline()}
+    assert kinds - {"chunk"} == {"step", "head", "non_expert", "moe", "router", "expert", "predict", "occupancy"}
+    assert len([row for row in runtime.timeline() if row["kind"] == "expert"]) > 0
