@@ -244,7 +244,7 @@ def _write_tables(writer: RunWriter, runs: list[StrategyRun], cfg: RunConfig, re
     samples = pd.concat([run.samples for run in runs], ignore_index=True)
     reference = reference if reference is not None else runs[0].tokens
     matches = {run.label: all(map(torch.equal, run.tokens, reference)) for run in runs}
-    summary = summarize(requests, steps, layers, cfg.baseline, matches)
+    summary = summarize(requests, steps, layers, cfg.baseline, matches, phases)
     tables = {"requests": requests, "steps": steps, "layers": layers, "phases": phases, "samples": samples,
               "statistics": statistics_table(requests), "summary": summary}
     for name, frame in tables.items():

@@ -6,14 +6,15 @@ Prediction figures are over decode steps of the layers a predictor guessed (in p
 expert is routed, so any guess looks right): recall = routed experts guessed / routed; fetch rate =
 of those guessed right, the share ready when compute needed them; good_pred = recall x fetch rate.
 ready_rate = routed experts ready when compute needed them, all steps; wasted = prefetched bytes
-evicted or dropped before any use.
+evicted or dropped before any use. Hardware figures (PCIe, link, energy, memory peaks) come from the
+phases' counters (`hardware`).
 """
 
 import pandas as pd
 
 
 def summarize(requests: pd.DataFrame, steps: pd.DataFrame, layers: pd.DataFrame, baseline: str,
-              tokens_match: dict[str, bool]) -> pd.DataFrame:
+              tokens_match: dict[str, bool], phases: pd.DataFrame | None = None) -> pd.DataFrame:
     measured = requests[~requests["warmup"]]
     layer_rows = layers[~layers["warmup"]]
     step_rows = steps[~steps["warmup"]]
@@ -47,11 +48,33 @@ def summarize(requests: pd.DataFrame, steps: pd.DataFrame, layers: pd.DataFrame,
             "tokens_match": tokens_match[label],
         })
     summary = pd.DataFrame(rows)
+    if phases is not None and not phases.empty:
+        summary = summary.merge(hardware(phases), on="strategy", how="left")
     base = summary[summary["strategy"] == baseline]
     if not base.empty:
         summary["speedup_ttft"] = base["ttft_ms"].iloc[0] / summary["ttft_ms"]
         summary["speedup_tpot"] = base["tpot_ms"].iloc[0] / summary["tpot_ms"]
     return summary
+
+
+def hardware(phases: pd.DataFrame) -> pd.DataFrame:
+    """Per strategy, from the measured phases' counters: per phase the achieved PCIe and link GB/s
+    (bytes over the phase's seconds) and energy per token; the peaks of GPU memory and RSS. A counter
+    this machine lacks stays missing (NaN), never 0."""
+    measured = phases[~phases["warmup"]]
+    rows = []
+    for label, own in measured.groupby("strategy", sort=False):
+        row = {"strategy": label}
+        for phase, part in own.groupby("phase"):
+            seconds, tokens = part["seconds"].sum(), part["tokens"].sum()
+            row[f"{phase}_pcie_gbps"] = part["pcie_h2d_bytes"].sum(min_count=len(part)) / seconds / 1e9
+            row[f"{phase}_link_gbps"] = part["link_bytes"].sum(min_count=len(part)) / seconds / 1e9
+            row[f"{phase}_energy_per_token_j"] = part["energy_j"].sum(min_count=len(part)) / tokens
+        for peak in ("nvml_peak_memory_bytes", "torch_max_allocated_bytes", "torch_max_reserved_bytes",
+                     "peak_rss_bytes"):
+            row[peak] = own[peak].max()
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def format_table(summary: pd.DataFrame, baseline: str) -> str:

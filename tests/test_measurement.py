@@ -3,6 +3,7 @@ over repeats, and the environment; on the CPU, what it cannot measure is missing
 
 import json
 
+import pandas as pd
 import pytest
 
 from promoe_bench.results import load_run
@@ -84,3 +85,30 @@ def test_environment_records_versions_command_and_config(run_folder):
     assert environment["cpu_cores"] >= 1 and environment["ram_bytes"] > 0
     assert "git_commit" in environment and "git_dirty" in environment and environment["command"]
     assert meta["config"]["workload"]["output_tokens"] == GEN_LEN
+
+
+def test_summary_reduces_the_phases_per_strategy(run_folder):
+    _, tables = load_run(run_folder)
+    summary, phases = tables["summary"].set_index("strategy"), tables["phases"]
+    lru = phases[(phases["strategy"] == "lru") & (~phases["warmup"]) & (phases["phase"] == "decode")]
+    assert summary.loc["lru", "decode_link_gbps"] == pytest.approx(lru["link_bytes"].sum() / lru["seconds"].sum() / 1e9)
+    assert summary.loc["full_gpu", "decode_link_gbps"] == 0  # measured: nothing crossed the link
+    assert summary[["decode_pcie_gbps", "prefill_energy_per_token_j", "nvml_peak_memory_bytes"]].isna().all().all()
+    assert (summary["peak_rss_bytes"] > 0).all()
+
+
+def test_hardware_figures_are_missing_when_any_phase_lacks_the_counter():
+    from promoe_bench.summary import hardware
+
+    phases = pd.DataFrame({
+        "strategy": ["lru"] * 3, "warmup": [True, False, False], "phase": ["decode"] * 3, "tokens": [9, 4, 4],
+        "seconds": [9.0, 1.0, 3.0], "pcie_h2d_bytes": [1e12, 2e9, 6e9], "link_bytes": [0, 1e9, float("nan")],
+        "energy_j": [1.0, 2.0, 6.0], "nvml_peak_memory_bytes": [9e9, 1e9, 2e9],
+        "torch_max_allocated_bytes": [float("nan")] * 3, "torch_max_reserved_bytes": [float("nan")] * 3,
+        "peak_rss_bytes": [1, 5, 3]})
+    row = hardware(phases).iloc[0]
+    assert row["decode_pcie_gbps"] == pytest.approx(8e9 / 4 / 1e9)  # the warm-up's bytes left out
+    assert pd.isna(row["decode_link_gbps"])  # one phase unmeasured: no figure rather than a low one
+    assert row["decode_energy_per_token_j"] == pytest.approx(1.0)
+    assert row["nvml_peak_memory_bytes"] == 2e9 and row["peak_rss_bytes"] == 5
+    assert pd.isna(row["torch_max_allocated_bytes"])
