@@ -3,7 +3,7 @@
 One process per strategy, shifted so that each starts at 0 (strategies line up for comparison), with
 a thread per lane: compute, predictor, copy. Slices are complete ("X") events in microseconds; copy
 chunks carry expert, layer, priority, bytes, queue time and preemption in args. Counter tracks: copy
-backlog (bytes requested and not yet landed), cache occupancy, and the hardware samples the run took
+bytes in flight (requested and not yet landed), cache occupancy, and the hardware samples the run took
 (GPU memory, PCIe throughput, or the process's RSS on the CPU).
 """
 
@@ -46,8 +46,8 @@ def _args(row) -> dict:
     return args
 
 
-def _backlog(copies: pd.DataFrame, origin: float) -> list[tuple[float, int]]:
-    """(time, bytes) steps of the copy backlog: a chunk counts from its request until it lands."""
+def _in_flight(copies: pd.DataFrame, origin: float) -> list[tuple[float, int]]:
+    """(time, bytes) steps of the copy bytes in flight: a chunk counts from its request until it lands."""
     changes = pd.concat([pd.DataFrame({"t": copies["queued_s"], "d": copies["bytes"]}),
                          pd.DataFrame({"t": copies["end_s"], "d": -copies["bytes"]})])
     changes = changes.groupby("t", sort=True)["d"].sum().cumsum()
@@ -76,8 +76,8 @@ def chrome_trace(timeline: pd.DataFrame, samples: pd.DataFrame | None = None) ->
         events += slices
         copies = rows[rows["lane"] == "copy"]
         if not copies.empty:
-            events += [{"ph": "C", "name": "copy backlog", "pid": pid, "ts": t, "args": {"bytes": v}}
-                       for t, v in _backlog(copies, origin)]
+            events += [{"ph": "C", "name": "copy bytes in flight", "pid": pid, "ts": t, "args": {"bytes": v}}
+                       for t, v in _in_flight(copies, origin)]
         for row in rows[rows["lane"] == "cache"].itertuples(index=False):
             events.append({"ph": "C", "name": "cache occupancy", "pid": pid, "ts": _us(row.start_s - origin),
                            "args": {"bytes": int(row.bytes)}})

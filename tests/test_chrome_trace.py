@@ -74,7 +74,7 @@ def test_steps_follow_one_another_and_copy_bytes_sum_to_the_runs_totals(run_fold
         if label != "full_gpu":
             assert copied > 0
             counters = {e["name"] for e in events if e["ph"] == "C" and e["pid"] == pid}
-            assert {"copy backlog", "cache occupancy"} <= counters
+            assert {"copy bytes in flight", "cache occupancy"} <= counters
     chunk = next(e for e in slices(events) if e["cat"] == "copy")
     assert {"layer", "expert", "priority", "bytes", "queued_ms", "preempted"} <= set(chunk["args"])
 
