@@ -6,7 +6,7 @@ A strategy sees only this: no CUDA, threads or clocks. Layers are MoE layers, nu
 from dataclasses import dataclass
 from typing import Protocol
 
-from .copy_engine import Priority
+from .copy_scheduler import Priority
 from .trace import RoutingTrace
 
 __all__ = ["Environment", "ModelShape", "Priority"]

@@ -98,7 +98,7 @@ def prefetch_abc(make_engine, strategy, capacity=4):
     env.predictions = {(0, 1): [A, B, C]}
     strategy.on_layer_input(env, 0)
     assert t.link.next_held() == (1, A, 0)
-    assert [task.expert for task in t.engine._queues[LOW]] == [A, B, C]
+    assert [task.expert for task in t.engine.scheduler._queues[LOW]] == [A, B, C]
     return t, env
 
 
@@ -110,7 +110,7 @@ def test_router_preempts_prefetches_and_the_high_copy_goes_next(make_engine):
     assert t.engine.counters.dropped == 2  # a and c; b was chosen, so promoted before the drop
     t.link.let_one_through()  # a's first chunk lands, then a is forgotten
     assert t.link.next_held()[:2] == (1, B), "a HIGH copy must follow the chunk on the link"
-    assert t.engine._tasks[(1, B)].priority is HIGH
+    assert t.engine.scheduler._tasks[(1, B)].priority is HIGH
     t.link.open()
     compute(t, 1, order)
     assert t.link.log == [(1, A, 0)] + [(1, B, c) for c in range(3)] + [(1, D, c) for c in range(3)]
@@ -432,8 +432,9 @@ def test_stress_strategy_forward_loop(make_strategy_engine, spec, capacity, rout
 
     run_with_watchdog(loop, timeout=45)
     assert counts["waits"] >= steps * num_layers and counts["stalls"] > 0
-    assert not t.engine._tasks and not t.engine._queues[HIGH] and not t.engine._queues[LOW]
-    assert t.engine._active is None
+    scheduler = t.engine.scheduler
+    assert not scheduler.busy and not scheduler._queues[HIGH] and not scheduler._queues[LOW]
+    assert scheduler.active is None
     assert t.cache.claims > 100 and sum(t.cache.evictions) > 50
     for layer in range(num_layers):
         for expert in t.cache.residents(layer):

@@ -1,0 +1,189 @@
+"""What the copy worker moves next, and the bookkeeping when a chunk lands: HIGH before LOW, chunk by chunk.
+
+Pure state, no threads and no clock, so that the runtime's copy engine (a worker thread moving real
+bytes) and the simulator's (a link modelled in simulated time) schedule exactly alike. Callers
+serialise access (the engine holds its lock). A task is one expert; the worker re-picks after every
+chunk of a chunked task, so a HIGH task waits at most one chunk behind a LOW one. An unchunked task
+moves the expert's three chunks back to back and shows them to compute only when all have landed
+(the ablation of chunking).
+"""
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+from .cache import NUM_CHUNKS, Entry, ExpertCache
+from .timeline import event
+
+
+class Priority(IntEnum):
+    HIGH = 0  # precise: the router's real choice
+    LOW = 1  # speculative: a prediction
+
+
+@dataclass
+class CopyTask:
+    layer: int
+    expert: int
+    priority: Priority
+    chunked: bool
+    entry: Entry | None = None  # claimed when the worker starts the task
+    cancelled: bool = False  # dropped while its chunk was on the link: forgotten once it lands
+    dropped: bool = False  # dropped by early preemption, before or while being copied
+    queued_ns: int = field(default_factory=time.perf_counter_ns)
+
+
+@dataclass
+class CopyCounters:
+    """Per layer, cumulative; the recorder takes differences."""
+
+    copies: list[int]
+    bytes: list[int]
+    dropped: int = 0  # LOW tasks dropped before they were copied
+    refetches: int = 0  # experts compute needed that nobody had requested (or that lost their slot)
+
+
+class CopyScheduler:
+    def __init__(self, cache: ExpertCache, num_layers: int):
+        self.cache = cache
+        self.counters = CopyCounters([0] * num_layers, [0] * num_layers)
+        self._landed: list[dict] = []  # timeline rows of chunks landed since the owner last took them
+        self._queues = {Priority.HIGH: deque(), Priority.LOW: deque()}
+        self._tasks: dict[tuple[int, int], CopyTask] = {}
+        self.awaited: tuple[int, int] | None = None  # what compute is blocked on
+        self.active: CopyTask | None = None  # the task whose chunk is on the link now
+
+    @property
+    def busy(self) -> bool:
+        """Some copy is queued or under way."""
+        return bool(self._tasks)
+
+    # -- compute's side --------------------------------------------------------------------------
+
+    def request(self, layer: int, expert: int, priority: Priority, chunked: bool = True) -> None:
+        """Copy `expert` of `layer` unless it is resident or already on its way (a HIGH request
+        promotes a queued LOW task, keeping the chunks it has)."""
+        entry = self.cache.lookup(layer, expert)
+        task = self._tasks.get((layer, expert))
+        if task is None and entry is not None:
+            if priority is Priority.LOW:  # a prefetch of a cached expert counts as an access
+                self.cache.policy.touch(layer, expert)
+            return
+        if task is None:
+            task = CopyTask(layer, expert, priority, chunked)
+            self._tasks[(layer, expert)] = task
+            self._queues[priority].append(task)
+        task.cancelled = False
+        if priority < task.priority:
+            self._queues[task.priority].remove(task)
+            task.priority = priority
+            self._queues[priority].append(task)
+
+    def drop_low(self, layer: int) -> int:
+        """Drop `layer`'s LOW tasks; a partly copied expert gives its slot back (an unchunked one on the
+        link lands whole first, then goes). Returns how many."""
+        dropped = [t for t in self._queues[Priority.LOW] if t.layer == layer and not t.cancelled]
+        for task in dropped:
+            task.dropped = True
+            if task is self.active:
+                task.cancelled = True
+            else:
+                self._forget(task)
+        self.counters.dropped += len(dropped)
+        return len(dropped)
+
+    def evict(self, layer: int, expert: int) -> bool:
+        """Free a resident expert's slot unless it is being copied or used; whether it was freed."""
+        entry = self.cache.lookup(layer, expert)
+        if entry is None or entry.copying or (layer, expert) in self.cache.in_use:
+            return False
+        self.cache.remove(layer, expert)
+        self.cache.evictions[layer] += 1
+        return True
+
+    def need(self, layer: int, expert: int, chunks: int) -> Entry | None:
+        """Compute needs `chunks` chunks of the expert: keep it from eviction until `release`; the entry
+        once they have landed, else None, having made sure a copy is on its way (an expert nobody asked
+        for, or that lost its slot, is requested HIGH) and marked it awaited (it may take a slot
+        another expert of the forward is waiting for, as a last resort)."""
+        key = (layer, expert)
+        self.cache.in_use.add(key)
+        entry = self.cache.lookup(layer, expert)
+        if entry is not None and entry.chunks_ready >= chunks:
+            if self.awaited == key:
+                self.awaited = None
+            return entry
+        self.awaited = key
+        if entry is None and key not in self._tasks:
+            self.counters.refetches += 1
+            task = CopyTask(layer, expert, Priority.HIGH, True)
+            self._tasks[key] = task
+            self._queues[Priority.HIGH].append(task)
+        return None
+
+    def release(self, layer: int, expert: int) -> None:
+        self.cache.in_use.discard((layer, expert))
+        self.cache.computed(layer, expert)
+
+    # -- the worker's side -----------------------------------------------------------------------
+
+    def next_chunk(self) -> tuple[CopyTask, int] | None:
+        """The chunk to move now: the rest of an unchunked task on the link, else the first chunk not
+        yet landed of the first HIGH task, else of the first LOW task, that has or can claim a slot.
+        None when nothing can move now. A task whose layer has no slot to give right now lets the ones
+        behind it go first (compute may be waiting on one of those), and is retried later."""
+        task = self.active
+        if task is None:
+            task = self._pick()
+            if task is None:
+                return None
+            self.active = task
+        return task, len(task.entry.events)
+
+    def _pick(self) -> CopyTask | None:
+        for priority in (Priority.HIGH, Priority.LOW):
+            for task in self._queues[priority]:
+                if task.entry is None:
+                    key = (task.layer, task.expert)
+                    task.entry = self.cache.claim(task.layer, task.expert, last_resort=self.awaited == key,
+                                                  prefetch=task.priority is Priority.LOW)
+                if task.entry is not None:
+                    return task
+        return None
+
+    def landed(self, task: CopyTask, nbytes: int, transfer) -> None:
+        """A chunk of `task` landed (`transfer`: the link's Transfer): publish it and, when the task is
+        done or was dropped, retire it."""
+        entry = task.entry
+        entry.events.append(transfer.landed)
+        self.counters.bytes[task.layer] += nbytes
+        self._landed.append({**event(None, task.layer, "copy", "chunk", transfer.start, transfer.end, bytes=nbytes,
+                                    expert=task.expert, priority=task.priority.name, queued_s=task.queued_ns),
+                            "task": task})
+        if task.chunked or len(entry.events) == NUM_CHUNKS:  # unchunked: compute sees whole experts only
+            entry.chunks_ready = len(entry.events)
+        finished = entry.ready or (task.cancelled and task.chunked)
+        if task.cancelled and finished:
+            self._forget(task)
+        elif entry.ready:
+            entry.copying = False
+            self.counters.copies[task.layer] += 1
+            self._queues[task.priority].remove(task)
+            del self._tasks[(task.layer, task.expert)]
+        if finished or task.chunked:
+            self.active = None
+
+    def _forget(self, task: CopyTask) -> None:
+        self._queues[task.priority].remove(task)
+        del self._tasks[(task.layer, task.expert)]
+        if task.entry is not None:
+            self.cache.remove(task.layer, task.expert)
+
+    def take_counters(self) -> tuple[list[int], list[int], list[int], list[int], list[dict]]:
+        """Cumulative copies, bytes, evictions and wasted bytes per layer, and the timeline rows of the
+        chunks landed since the last call, taken together so that they always agree. A row's `task` is
+        its CopyTask, to read `dropped` from once the run is over (a task may be dropped later)."""
+        landed, self._landed = self._landed, []
+        return (list(self.counters.copies), list(self.counters.bytes), list(self.cache.evictions),
+                list(self.cache.wasted_bytes), landed)
