@@ -1,4 +1,4 @@
-"""The one interface between offload strategies and whatever runs them (the runtime, later a simulator).
+"""The one interface between offload strategies and whatever runs them (the runtime and the simulator).
 
 A strategy sees only this: no CUDA, threads or clocks. Layers are MoE layers, numbered 0..L-1.
 """
@@ -41,10 +41,11 @@ class Environment(Protocol):
     def evict(self, layer: int, expert: int) -> None:
         """Free the expert's slot now (ignored while it is being copied or used)."""
 
-    def predict(self, layer: int, target: int, predictor: str, min_prob: float = 0.0) -> list[int]:
-        """From `layer`'s input (known since on_layer_input), the experts `predictor` (learned, gate or
-        oracle) expects `target` > `layer` to route in this step, the surest first; per-token guesses
-        below `min_prob` are left out (the oracle's are certain)."""
+    def predict(self, layer: int, target: int, predictor: str, min_prob: float = 0.0,
+                recall: float = 1.0) -> list[int]:
+        """From `layer`'s input (known since on_layer_input), the experts `predictor` (learned, gate,
+        oracle or noisy) expects `target` > `layer` to route in this step, the surest first; per-token
+        guesses below `min_prob` are left out (the oracle's are certain); `recall`: noisy's."""
 
     def position(self, layer: int) -> int:
         """How many forwards of `layer` have been routed so far (for policies that read the trace)."""

@@ -17,7 +17,7 @@ from .checkpoint import LoadedModel
 from .copy_engine import CopyEngine, Priority
 from .environment import ModelShape
 from .metrics import Clock, StepRecorder
-from .predictors import GatePredictor, rank
+from .predictors import FROM_TRACE, GatePredictor, rank, trace_guess
 from .slot_pool import SlotPool
 from .trace import RoutingTrace
 
@@ -95,13 +95,14 @@ class OffloadRuntime:
     def position(self, layer: int) -> int:
         return self._positions[layer]
 
-    def predict(self, layer: int, target: int, predictor: str, min_prob: float = 0.0) -> list[int]:
+    def predict(self, layer: int, target: int, predictor: str, min_prob: float = 0.0,
+                recall: float = 1.0) -> list[int]:
         start = time.perf_counter()
-        if predictor == "oracle":
+        if predictor in FROM_TRACE:
             if self.trace is None:
-                raise RuntimeError("the oracle predictor needs the workload's recorded routing")
+                raise RuntimeError(f"the {predictor} predictor needs the workload's recorded routing")
             stamps = (self.recorder.stamp(),)
-            ranked = list(self.trace.at(target, self._positions[target]))
+            ranked = trace_guess(self.trace, target, self._positions[target], predictor, recall, self.shape)
             stamps += (self.recorder.stamp(),)
         else:
             with self._off_compute_stream():  # stamped on the predictor's stream

@@ -5,7 +5,9 @@ probabilities [T, K]; the runtime turns those into one ranked list for the batch
 below a strategy's minimum probability. Two work on hidden states:
 - `gate`: layer l+d's own router applied to layer l's input (mixtral-offloading's skip-gate heuristic);
 - `learned`: ProMoE's two-layer MLP per (l, d), trained offline by `promoe-bench train-predictor`.
-The third, `oracle`, needs no hidden state: it reads the recorded routing (promoe_bench.trace).
+Two need no hidden state: they read the recorded routing (promoe_bench.trace). `oracle` knows it;
+`noisy` knows each routed expert with a set probability (its recall) and guesses wrong ones to make up
+the number, so a sweep of recall shows what predictor quality is worth.
 
 Learned predictors are saved as `predictors.safetensors` beside `predictors.json` (model fingerprint,
 distances, sizes, per-pair eval recall), and refuse to load for another model.
@@ -16,6 +18,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -25,7 +28,8 @@ from .families import MoELayer, router_of
 
 WEIGHTS = "predictors.safetensors"
 METADATA = "predictors.json"
-PREDICTOR_NAMES = ("learned", "gate", "oracle")
+PREDICTOR_NAMES = ("learned", "gate", "oracle", "noisy")
+FROM_TRACE = ("oracle", "noisy")  # predictors that read the recorded routing
 FINGERPRINT_WEIGHTS = 64  # per router tensor
 
 
@@ -131,8 +135,32 @@ def load_predictors(folder: Path, fingerprint: str) -> LearnedPredictors:
     return LearnedPredictors(mlps, top_k, meta)
 
 
-def rank(picks: torch.Tensor, probs: torch.Tensor, num_experts: int, min_prob: float = 0.0) -> list[int]:
-    """Per-token guesses [T, K] and their probabilities -> the experts guessed for the batch with at least
-    `min_prob`, most votes first (ties: lower id)."""
-    votes = torch.bincount(picks[probs >= min_prob].cpu(), minlength=num_experts).tolist()
+def rank(picks, probs, num_experts: int, min_prob: float = 0.0) -> list[int]:
+    """Per-token guesses [T, K] and their probabilities (torch or numpy; a pick of -1 is no guess) -> the
+    experts guessed for the batch with at least `min_prob`, most votes first (ties: lower id)."""
+    if isinstance(picks, torch.Tensor):
+        picks, probs = picks.cpu().numpy(), probs.float().cpu().numpy()
+    chosen = picks[(probs >= min_prob) & (picks >= 0)]
+    votes = numpy.bincount(chosen.astype(numpy.int64), minlength=num_experts).tolist()
     return sorted((e for e in range(num_experts) if votes[e]), key=lambda e: -votes[e])
+
+
+def trace_guess(trace, target: int, position: int, predictor: str, recall: float, shape) -> list[int]:
+    """What `oracle` or `noisy` guesses for forward `position` of layer `target` of a RoutingTrace."""
+    routed = trace.at(target, position)
+    if predictor == "oracle":
+        return list(routed)
+    return noisy_guess(routed, shape.num_experts, recall, (target, position))
+
+
+def noisy_guess(routed: tuple[int, ...], num_experts: int, recall: float, seed: tuple[int, ...]) -> list[int]:
+    """A guess of `routed` that holds each routed expert with probability `recall`, made up to the same
+    number with experts not routed; in random order, so that order tells nothing. `seed` (e.g. target
+    layer and position) makes it the same in every strategy, run and simulation."""
+    rng = numpy.random.default_rng(seed)
+    kept = [e for e in routed if rng.random() < recall]
+    others = numpy.setdiff1d(numpy.arange(num_experts), routed)
+    wrong = rng.choice(others, size=min(len(routed) - len(kept), len(others)), replace=False).tolist()
+    guess = kept + wrong
+    rng.shuffle(guess)
+    return guess

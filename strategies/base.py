@@ -9,6 +9,7 @@ from typing import ClassVar
 
 from promoe_bench.environment import Environment
 from promoe_bench.policies import LRU, EvictionPolicy
+from promoe_bench.predictors import FROM_TRACE
 
 
 @dataclass
@@ -33,13 +34,13 @@ class Strategy(ABC):
 
     @property
     def predictors(self) -> set[str]:
-        """Predictors the strategy will ask the environment for (learned, gate, oracle)."""
+        """Predictors the strategy will ask the environment for (learned, gate, oracle, noisy)."""
         return set()
 
     @property
     def needs_trace(self) -> bool:
         """The strategy reads the workload's recorded routing (env.trace)."""
-        return "oracle" in self.predictors
+        return bool(self.predictors & set(FROM_TRACE))
 
     def targets(self, layer: int, num_layers: int) -> list[int]:
         """The later layers this strategy predicts from `layer`'s input."""

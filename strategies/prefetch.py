@@ -11,10 +11,11 @@ class Prefetching(Strategy):
     """The shared part of strategies that prefetch: at each layer's input, ask a predictor for a later
     layer's experts and queue LOW copies of them (a prefetch of a resident expert refreshes it)."""
 
-    predictor: str = "learned"  # learned, gate or oracle
+    predictor: str = "learned"  # learned, gate, oracle or noisy
     distance: int = 2  # predict layer l + distance from layer l's input (clamped to the model)
     chunked: bool = True  # copy gate, up and down as separate chunks
     min_prob: float = 0.0  # prefetch only guesses at least this probable (a wrong one costs a copy)
+    recall: float = 0.85  # predictor=noisy only: the share of routed experts it knows
 
     def __post_init__(self):
         super().__post_init__()
@@ -24,6 +25,8 @@ class Prefetching(Strategy):
             raise ValueError(f"distance must be at least 1, got {self.distance}")
         if not 0 <= self.min_prob <= 1:
             raise ValueError(f"min_prob must be in [0, 1], got {self.min_prob}")
+        if not 0 <= self.recall <= 1:
+            raise ValueError(f"recall must be in [0, 1], got {self.recall}")
 
     @property
     def predictors(self):
@@ -39,7 +42,7 @@ class Prefetching(Strategy):
 
     def on_layer_input(self, env, layer):
         for target in self.targets(layer, env.shape.num_layers):
-            predicted = env.predict(layer, target, self.predictor, self.min_prob)
+            predicted = env.predict(layer, target, self.predictor, self.min_prob, self.recall)
             resident = [e for e in predicted if env.is_resident(target, e)]
             missing = [e for e in predicted if e not in resident]
             for expert in resident:  # refreshed first, so the copies below evict only unpredicted experts

@@ -59,7 +59,7 @@ class EngineEnv:
     def evict(self, layer, expert):
         self.t.engine.evict(layer, expert)
 
-    def predict(self, layer, target, predictor, min_prob=0.0):
+    def predict(self, layer, target, predictor, min_prob=0.0, recall=1.0):
         if self._predict is not None:
             return self._predict(layer, target, predictor, min_prob)
         return list(self.predictions.get((layer, target), []))
@@ -395,7 +395,7 @@ def test_stress_strategy_forward_loop(make_strategy_engine, spec, capacity, rout
     link = EmulatedLink(gbps=1000, latency_us=0) if link_kind == "emulated" else ScriptedLink()
     t, env = make_strategy_engine(strategy, link, num_layers, num_experts, capacity, trace)
 
-    def predict(layer, target, predictor, min_prob=0.0):
+    def predict(layer, target, predictor, min_prob=0.0, recall=1.0):
         assert target > layer and predictor in strategy.predictors
         if predictor == "oracle":
             return list(trace.at(target, env.positions[target]))

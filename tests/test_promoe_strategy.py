@@ -49,7 +49,7 @@ class RecordingEnv:
     def evict(self, layer, expert):
         self.calls.append(("evict", layer, expert))
 
-    def predict(self, layer, target, predictor, min_prob=0.0):
+    def predict(self, layer, target, predictor, min_prob=0.0, recall=1.0):
         assert target > layer, "a strategy asked to predict a layer that is not ahead"
         self.calls.append(("predict", layer, target, predictor))
         return list(self.predictions.get((layer, target), []))
@@ -408,7 +408,7 @@ def test_prefetch_passes_its_min_prob_to_the_predictor():
     seen = []
 
     class Env(RecordingEnv):
-        def predict(self, layer, target, predictor, min_prob=0.0):
+        def predict(self, layer, target, predictor, min_prob=0.0, recall=1.0):
             seen.append(min_prob)
             return super().predict(layer, target, predictor)
 
