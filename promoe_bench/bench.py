@@ -19,6 +19,7 @@ from .meter import PhaseMeter
 from .offload import OffloadRuntime
 from .predictors import LearnedPredictors, load_predictors, model_fingerprint
 from .results import RunWriter
+from .routing_log import RoutingLogBuilder
 from .statistics import statistics_table
 from .strategies import available, resolve
 from .summary import summarize
@@ -78,9 +79,9 @@ def make_link(cfg: RunConfig, device: torch.device):
 
 def run_strategy(loaded: LoadedModel, strategy, capacity: int, cfg: RunConfig, device, batches: list[Batch],
                  progress, predictors: dict | None = None, trace: RoutingTrace | None = None,
-                 detail: bool = True) -> StrategyRun:
+                 detail: bool = True, routing_log: RoutingLogBuilder | None = None) -> StrategyRun:
     link = make_link(cfg, device)
-    runtime = OffloadRuntime(loaded, strategy, capacity, link, device, predictors, trace, detail)
+    runtime = OffloadRuntime(loaded, strategy, capacity, link, device, predictors, trace, detail, routing_log)
     meter = PhaseMeter(device, link)
     meter.start()
     gen_len = cfg.workload.output_tokens
@@ -115,7 +116,7 @@ def run_strategy(loaded: LoadedModel, strategy, capacity: int, cfg: RunConfig, d
     samples.insert(1, "t_s", samples.pop("t") - clock.host_origin_ns * 1e-9)
     return StrategyRun(strategy.label, capacity, requests, steps, runtime.recorder.rows, tokens,
                        {**link.describe(), "achieved_gbps": link.counters.achieved_gbps},
-                       timeline.frame(runtime.timeline()), phases, samples, dict(meter.missing))
+                       timeline.frame(runtime.recorder.timeline), phases, samples, dict(meter.missing))
 
 
 def routing_trace(strategy_run: StrategyRun) -> RoutingTrace:
@@ -124,12 +125,25 @@ def routing_trace(strategy_run: StrategyRun) -> RoutingTrace:
     return RoutingTrace.from_layer_rows(layers[layers["repeat"] == layers["repeat"].max()])
 
 
-def record_routing(loaded: LoadedModel, cfg: RunConfig, device, batches: list[Batch]) -> StrategyRun:
-    """A full_gpu pass over the workload, unreported, for strategies that read the routing."""
+def record_routing(loaded: LoadedModel, cfg: RunConfig, device, batches: list[Batch], predictors: dict | None = None,
+                   routing_log: RoutingLogBuilder | None = None) -> StrategyRun:
+    """A full_gpu pass over the workload, unreported, for strategies that read the routing (and, given a
+    builder, to record the routing log with `predictors`' guesses)."""
     quiet = tqdm(disable=True)
     once = dataclasses.replace(cfg, warmup=0, repeats=1)
     full = resolve("full_gpu")[0]
-    return run_strategy(loaded, full, loaded.store.num_experts, once, device, batches, quiet, detail=False)
+    return run_strategy(loaded, full, loaded.store.num_experts, once, device, batches, quiet, predictors,
+                        detail=False, routing_log=routing_log)
+
+
+def routing_log_builder(cfg: RunConfig, loaded: LoadedModel, batches: list[Batch]) -> RoutingLogBuilder:
+    store = loaded.store
+    meta = {"model": {"name": cfg.model, "family": loaded.config.model_type},
+            "workload": cfg.to_json()["workload"],
+            "batches": {str(n): batch.requests for n, batch in enumerate(batches)},
+            "prompt_tokens": {str(r): len(p) for batch in batches for r, p in zip(batch.requests, batch.prompts,
+                                                                                     strict=True)}}
+    return RoutingLogBuilder(store.num_layers, store.num_experts, loaded.top_k, meta)
 
 
 def learned_predictors(cfg: RunConfig, loaded: LoadedModel, strategies) -> LearnedPredictors | None:
@@ -156,6 +170,16 @@ def learned_predictors(cfg: RunConfig, loaded: LoadedModel, strategies) -> Learn
                              f"which {folder} lacks (trained distances: {predictors.distances}); retrain with "
                              f"`--distance 1..{max(d for _, d in needed)}`")
     return predictors.to(cfg.torch_device())
+
+
+def own_predictors(cfg: RunConfig, loaded: LoadedModel) -> dict:
+    """The model's learned predictors when it has some that fit it (for a routing log), else none."""
+    folder = cfg.predictors or Path(loaded.path) / "promoe_predictors"
+    try:
+        predictors = load_predictors(folder, model_fingerprint(loaded.config, loaded.layers))
+    except UsageError:
+        return {}
+    return {"learned": predictors.to(cfg.torch_device())}
 
 
 def load_model(cfg: RunConfig, device: torch.device) -> LoadedModel:
@@ -192,6 +216,14 @@ def run(cfg: RunConfig) -> tuple[pd.DataFrame, Path]:
     trace, reference = None, None  # the routing and tokens of full_gpu, once it has run
     predictors = {"learned": learned} if learned is not None else {}
     try:
+        if cfg.record_trace is not None:
+            progress.set_postfix_str("recording the routing log")
+            builder = routing_log_builder(cfg, loaded, batches)
+            recorded = record_routing(loaded, cfg, device, batches, predictors or own_predictors(cfg, loaded), builder)
+            trace, reference = routing_trace(recorded), recorded.tokens
+            meta["trace"] = "recorded by an unreported full_gpu pass"
+            builder.build().save(cfg.record_trace)
+            meta["routing_log"] = str(cfg.record_trace)
         for strategy, capacity in zip(strategies, capacities, strict=True):
             progress.set_postfix_str(strategy.label)
             if strategy.needs_trace and trace is None:
@@ -237,16 +269,23 @@ def _model_info(loaded: LoadedModel) -> dict:
 
 def _write_tables(writer: RunWriter, runs: list[StrategyRun], cfg: RunConfig, reference) -> pd.DataFrame:
     """`reference`: full_gpu's tokens, when it ran (listed, or for the trace); else the first strategy's."""
+    reference = reference if reference is not None else runs[0].tokens
+    matches = {run.label: all(map(torch.equal, run.tokens, reference)) for run in runs}
+    return write_tables(writer, runs, cfg.baseline, matches)
+
+
+def write_tables(writer: RunWriter, runs: list[StrategyRun], baseline: str, matches: dict) -> pd.DataFrame:
+    """Every table of a run folder from the strategies run so far; the summary. `matches`: label ->
+    whether its tokens are full_gpu's (None where no tokens were made, in a simulation)."""
     requests = pd.DataFrame([row for run in runs for row in run.requests])
     steps = pd.DataFrame([row for run in runs for row in run.steps])
     layers = pd.DataFrame([row for run in runs for row in run.layers])
     phases = pd.DataFrame([row for run in runs for row in run.phases])
     samples = pd.concat([run.samples for run in runs], ignore_index=True)
-    reference = reference if reference is not None else runs[0].tokens
-    matches = {run.label: all(map(torch.equal, run.tokens, reference)) for run in runs}
-    summary = summarize(requests, steps, layers, cfg.baseline, matches, phases)
+    summary = summarize(requests, steps, layers, baseline, matches, phases)
     tables = {"requests": requests, "steps": steps, "layers": layers, "phases": phases, "samples": samples,
               "statistics": statistics_table(requests), "summary": summary}
     for name, frame in tables.items():
-        writer.table(name, frame)
+        if not frame.empty:  # a simulation measures no phases nor samples
+            writer.table(name, frame)
     return summary

@@ -54,6 +54,9 @@ def main():
 @click.option("--baseline", default="lru", show_default=True, help="Strategy the speedups are measured against.")
 @click.option("--predictors", type=click.Path(path_type=Path), default=None,
               help="Folder of learned predictors (from train-predictor); default: the model's own.")
+@click.option("--record-trace", type=click.Path(path_type=Path), default=None,
+              help="Also write the workload's routing log (routing and every predictor's guesses) to this file, "
+              "for `promoe-bench simulate`.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs/latest"), show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace a run already in --out.")
 def run(**options):

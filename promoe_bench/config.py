@@ -48,6 +48,7 @@ class RunConfig:
     warmup: int = 1
     baseline: str = "lru"
     predictors: Path | None = None  # learned predictors' folder; default: beside the model
+    record_trace: Path | None = None  # write the workload's routing log (routing_log.py) here
     out: Path = Path("runs/latest")
     overwrite: bool = False
 
@@ -68,6 +69,8 @@ class RunConfig:
             raise UsageError(f"--device must be auto, cpu or cuda[:N], got {self.device!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise UsageError(f"--dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.record_trace is not None and (self.record_trace.is_dir() or not self.record_trace.parent.is_dir()):
+            raise UsageError(f"--record-trace {self.record_trace}: give a file in an existing folder")
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":

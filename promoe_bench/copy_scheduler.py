@@ -10,7 +10,7 @@ moves the expert's three chunks back to back and shows them to compute only when
 
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import IntEnum
 
 from .cache import NUM_CHUNKS, Entry, ExpertCache
@@ -31,7 +31,7 @@ class CopyTask:
     entry: Entry | None = None  # claimed when the worker starts the task
     cancelled: bool = False  # dropped while its chunk was on the link: forgotten once it lands
     dropped: bool = False  # dropped by early preemption, before or while being copied
-    queued_ns: int = field(default_factory=time.perf_counter_ns)
+    queued_ns: int = 0  # when it was requested, on the scheduler's clock
 
 
 @dataclass
@@ -45,8 +45,10 @@ class CopyCounters:
 
 
 class CopyScheduler:
-    def __init__(self, cache: ExpertCache, num_layers: int):
+    def __init__(self, cache: ExpertCache, num_layers: int, now_ns=time.perf_counter_ns):
+        """`now_ns`: the clock a task's request time is read from (the simulator's is simulated)."""
         self.cache = cache
+        self.now_ns = now_ns
         self.counters = CopyCounters([0] * num_layers, [0] * num_layers)
         self._landed: list[dict] = []  # timeline rows of chunks landed since the owner last took them
         self._queues = {Priority.HIGH: deque(), Priority.LOW: deque()}
@@ -71,7 +73,7 @@ class CopyScheduler:
                 self.cache.policy.touch(layer, expert)
             return
         if task is None:
-            task = CopyTask(layer, expert, priority, chunked)
+            task = CopyTask(layer, expert, priority, chunked, queued_ns=self.now_ns())
             self._tasks[(layer, expert)] = task
             self._queues[priority].append(task)
         task.cancelled = False
@@ -117,7 +119,7 @@ class CopyScheduler:
         self.awaited = key
         if entry is None and key not in self._tasks:
             self.counters.refetches += 1
-            task = CopyTask(layer, expert, Priority.HIGH, True)
+            task = CopyTask(layer, expert, Priority.HIGH, True, queued_ns=self.now_ns())
             self._tasks[key] = task
             self._queues[Priority.HIGH].append(task)
         return None

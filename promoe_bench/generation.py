@@ -46,7 +46,7 @@ def generate(model, input_ids: torch.Tensor, gen_len: int, runtime, attention_ma
             if step == 1:
                 phases.append(meter.end(prompt_tokens))
             meter.begin("prefill" if step == 0 else "decode")
-        runtime.recorder.begin_step(**context, phase="prefill" if step == 0 else "decode", step=step)
+        runtime.begin_step(**context, phase="prefill" if step == 0 else "decode", step=step)
         out = model(input_ids=next_input, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
         step_logits = out.logits[:, -1, :]  # [B, V]
         next_token = step_logits.argmax(dim=-1, keepdim=True)  # [B, 1]

@@ -176,9 +176,16 @@ class StepRecorder:
 
     @property
     def timeline(self) -> list[dict]:
-        """Every event so far as a row: the run context, then `timeline.COLUMNS`."""
-        return [{**context, **(row if isinstance(row, dict) else event(*row[:6], **row[6]))}
-                for context, row in self._timeline]
+        """Every event so far as a row: the run context, then `timeline.COLUMNS`. Read it once the run is
+        over: a copy's `preempted` is whether its task was ever dropped, which may happen after it landed."""
+        rows = []
+        for context, row in self._timeline:
+            if isinstance(row, tuple):
+                row = event(*row[:6], **row[6])
+            elif "task" in row:  # a copy chunk
+                row = {key: value for key, value in row.items() if key != "task"} | {"preempted": row["task"].dropped}
+            rows.append({**context, **row})
+        return rows
 
     def _event(self, step, layer, lane, kind, start, end, **fields) -> None:
         # kept as a tuple until asked for: building dicts here would cost the step several per cent

@@ -18,10 +18,12 @@ from .copy_engine import CopyEngine, Priority
 from .environment import ModelShape
 from .metrics import Clock, StepRecorder
 from .predictors import FROM_TRACE, GatePredictor, rank, trace_guess
+from .routing_log import RoutingLogBuilder
 from .slot_pool import SlotPool
 from .trace import RoutingTrace
 
 IMPLEMENTATION = "promoe_offload"
+LOGGED_DISTANCE = 3  # a routing log holds predictions up to this many layers ahead
 
 
 def offloaded_experts_forward(self, hidden_states, top_k_index, top_k_weights):
@@ -37,10 +39,12 @@ class OffloadRuntime:
     """Implements the strategies' Environment on a real model; one instance per strategy run."""
 
     def __init__(self, loaded: LoadedModel, strategy, capacity: int, link, device: torch.device,
-                 predictors: dict | None = None, trace: RoutingTrace | None = None, detail: bool = True):
+                 predictors: dict | None = None, trace: RoutingTrace | None = None, detail: bool = True,
+                 routing_log: RoutingLogBuilder | None = None):
         """`predictors`: name -> predictor beyond `gate` (e.g. `learned`); `trace`: the workload's
         recorded routing, for the oracle predictor and policies that read the future; `detail`: time
-        layers, experts, predictions and copies (the timeline), not just steps."""
+        layers, experts, predictions and copies (the timeline), not just steps; `routing_log`: record
+        every forward's routing, and each predictor's guesses for every later layer it can reach."""
         self.loaded = loaded
         self.strategy = strategy
         store = loaded.store
@@ -56,6 +60,7 @@ class OffloadRuntime:
         self.engine = CopyEngine(store, self.pool, self.cache, link)
         self.link = link
         self.recorder = StepRecorder(Clock(device), store.num_layers, detail)
+        self.routing_log = routing_log
         self._hooks = []
         for layer in loaded.layers:
             layer.experts._promoe_offload = (self, layer.index)
@@ -115,13 +120,29 @@ class OffloadRuntime:
 
     # -- hooks ---------------------------------------------------------------------------------
 
+    def begin_step(self, **context) -> None:
+        self.recorder.begin_step(**context)
+        if self.routing_log is not None:
+            self.routing_log.add_forward(context["batch"], context["step"])
+
     def _block_pre_hook(self, layer: int):
         def hook(module, args):
             self.recorder.block_start(layer)
             self._inputs[layer] = args[0]
+            if self.routing_log is not None:
+                self._log_predictions(layer)
             self.strategy.on_layer_input(self, layer)
 
         return hook
+
+    def _log_predictions(self, layer: int) -> None:
+        """Every predictor's guesses from this layer's input for each later layer it can reach (the gate:
+        up to LOGGED_DISTANCE layers ahead; learned predictors: the pairs they were trained for)."""
+        for name, predictor in self.predictors.items():
+            for distance in range(1, min(LOGGED_DISTANCE, self.shape.num_layers - 1 - layer) + 1):
+                if name == "gate" or (layer, distance) in predictor.mlps:
+                    picks, probs = predictor(layer, layer + distance, self._inputs[layer])
+                    self.routing_log.add_prediction(name, distance, layer, picks, probs)
 
     def _block_hook(self, layer: int):
         def hook(module, args, output):
@@ -133,9 +154,14 @@ class OffloadRuntime:
         # hidden_states [T, H], top_k_index / top_k_weights [T, K]
         # tolist() is a device->host sync: the host must know the routed experts to copy them.
         routed = list(dict.fromkeys(top_k_index.flatten().tolist()))
+        if self.routing_log is not None:
+            self.routing_log.add_layer(layer, top_k_index, top_k_weights)
         hits = sum(self.is_resident(layer, e) for e in routed)
         self.recorder.router_end(layer, routed, hits)
         self._positions[layer] += 1
+        # the routed experts are this forward's before the strategy requests any copy: a copy the worker
+        # starts at once must not evict one of them to make room
+        self.engine.begin_forward(layer, routed)
         order = self.strategy.on_router(self, layer, routed)
         assert sorted(order) == sorted(routed), f"{self.strategy.name} must run each routed expert once"
         self.engine.begin_forward(layer, order)
@@ -194,17 +220,6 @@ class OffloadRuntime:
                   for before, after in zip(self._counted, now, strict=True)]
         self._counted = now
         return self.recorder.finish_step(*deltas, landed)
-
-    def timeline(self) -> list[dict]:
-        """The run's timeline rows (`timeline.COLUMNS` and the run context); call once the run is over,
-        when every copy task has either completed or been dropped."""
-        rows = []
-        for row in self.recorder.timeline:
-            if "task" in row:
-                row = dict(row, preempted=row["task"].dropped)
-                del row["task"]
-            rows.append(row)
-        return rows
 
     def close(self) -> None:
         self.engine.close()

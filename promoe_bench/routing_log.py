@@ -6,7 +6,7 @@ A forward is one model call: a batch's prefill (step 0) or one of its decode ste
 ordered by (forward, layer, token) and `counts[f, l]` says how many (f, l) has, so a gap in a real log is
 fewer rows, or none: routing is never invented. Three sources, named in meta["source"]:
 - "recorded": `RoutingLogBuilder`, fed forward by forward by the runtime's recorder;
-- "imported": `routing_import.import_jsonl`, public JSON-lines routing logs; their gaps listed in meta["imported"]["gaps"];
+- "imported": `routing_import.import_jsonl`, public JSON-lines routing logs; gaps in meta["imported"]["gaps"];
 - "synthetic": `routing_synthetic.synthetic_log`, with every parameter in meta["synthetic"].
 
 On disk: one safetensors file; meta as JSON in its metadata under "promoe_routing_log". Tensors:

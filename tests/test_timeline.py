@@ -29,7 +29,7 @@ def runs(loaded):
     out = {}
     for spec in ("lru", "promoe[predictor=gate,distance=1]", "full_gpu"):
         _, runtime = run_generation(loaded, spec, ids, 5, link=EmulatedLink(**SLOW_LINK))
-        out[spec] = (pd.DataFrame(runtime.recorder.rows), frame(runtime.timeline()))
+        out[spec] = (pd.DataFrame(runtime.recorder.rows), frame(runtime.recorder.timeline))
     return out
 
 
@@ -110,7 +110,7 @@ def test_without_detail_only_steps_are_timed(loaded):
         generate(loaded.model, ids, 3, runtime)
     finally:
         runtime.close()
-    timeline = frame(runtime.timeline())
+    timeline = frame(runtime.recorder.timeline)
     assert set(timeline["kind"]) == {"step"} and len(timeline) == 3
     plain, full = pd.DataFrame(runtime.recorder.rows), pd.DataFrame(detailed.recorder.rows)
     assert plain["non_expert_s"].isna().all() and plain["stall_s"].isna().all()

@@ -134,6 +134,6 @@ def test_decode_step_instrumentation_overhead(benchmark, builtin_promoe):
     on, off = (statistics.median(seconds[detail]) for detail in (True, False))
     benchmark.extra_info.update(median_step_ms_timeline_on=on * 1e3, median_step_ms_timeline_off=off * 1e3,
                                 overhead=on / off - 1)
-    kinds = {row["kind"] for row in runtime.timeline()}
+    kinds = {row["kind"] for row in runtime.recorder.timeline}
     assert kinds - {"chunk"} == {"step", "head", "non_expert", "moe", "router", "expert", "predict", "occupancy"}
-    assert len([row for row in runtime.timeline() if row["kind"] == "expert"]) > 0
+    assert len([row for row in runtime.recorder.timeline if row["kind"] == "expert"]) > 0

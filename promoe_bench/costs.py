@@ -1,0 +1,198 @@
+"""What each piece of a replayed forward costs the simulator, from one of two sources:
+
+- `ProfileCosts`: a hardware profile and a model profile (profiles.CostModel's roofline), to project a
+  routing log onto a GPU and model the user does not have;
+- `MeasuredCosts`: the compute a real run measured, forward by forward and expert by expert, with its
+  link's settings: replaying a run's own log with these checks the simulator against the run.
+
+Both give `forward(repeat, f)`, the costs of forward f of the log in that repeat, `copy_s(bytes)`, and
+`wake_s`: how long compute takes to resume after the copy it waited for lands.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .errors import UsageError
+from .profiles import CostModel
+from .results import load_run, load_timeline
+from .routing_log import RoutingLog
+
+
+def forward_shapes(log: RoutingLog) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per forward: tokens (rows; a gap does not make the forward cheaper, so the most over layers),
+    sequences in the batch, and the average context a token attends to."""
+    tokens = log.counts.max(axis=1)
+    batches = log.meta.get("batches") or {}
+    sequences = np.array([max(1, len(batches.get(str(b), [None]))) for b in log.forward_batch])
+    prompt = {}  # batch -> tokens per sequence of its prefill
+    for f in np.flatnonzero(log.forward_step == 0):
+        prompt[int(log.forward_batch[f])] = tokens[f] / sequences[f]
+    context = np.array([prompt.get(int(b), 0) / 2 if s == 0 else prompt.get(int(b), 0) + s
+                        for b, s in zip(log.forward_batch, log.forward_step, strict=True)])
+    return tokens, sequences, context
+
+
+@dataclass(frozen=True)
+class ProfiledForward:
+    model: CostModel
+    tokens: int
+    sequences: int
+    context: float
+
+    def non_expert_s(self, layer: int) -> float:
+        # the cost model's non-expert share includes the router, which the simulator places on its own
+        return (self.model.non_expert_s(self.tokens, self.context, self.sequences)
+                - self.model.router_s(self.tokens))
+
+    def router_s(self, layer: int) -> float:
+        return self.model.router_s(self.tokens)
+
+    def expert_s(self, layer: int, expert: int, tokens: int) -> float:
+        return self.model.expert_s(tokens)
+
+    def predict_s(self, layer: int) -> float:
+        return self.model.predictor_s(self.tokens)
+
+    def head_s(self) -> float:
+        return 0.0  # in the non-expert shares
+
+
+class ProfileCosts:
+    def __init__(self, model: CostModel, log: RoutingLog):
+        self.model = model
+        self._forwards = [ProfiledForward(model, int(t), int(s), float(c)) for t, s, c in zip(*forward_shapes(log),
+                                                                                             strict=True)]
+        self.expert_bytes = model.expert_bytes
+        self.wake_s = 0.0  # compute waits on a CUDA event: the device resumes by itself
+
+    def forward(self, repeat: int, f: int) -> ProfiledForward:
+        return self._forwards[f]
+
+    def copy_s(self, nbytes: int) -> float:
+        return self.model.copy_s(nbytes)
+
+    def describe(self) -> dict:
+        return {"kind": "profile", "hardware": self.model.hardware.name, "model_profile": self.model.model.name,
+                "precision": self.model.precision}
+
+
+@dataclass
+class MeasuredForward:
+    layers: dict  # layer -> (non_expert_s, router_s, predict_s per prediction)
+    experts: dict  # (layer, expert) -> compute seconds, waits for copies taken out, overheads shared out
+    head: float
+
+    def non_expert_s(self, layer: int) -> float:
+        return self.layers[layer][0]
+
+    def router_s(self, layer: int) -> float:
+        return self.layers[layer][1]
+
+    def expert_s(self, layer: int, expert: int, tokens: int) -> float:
+        return self.experts[(layer, expert)]
+
+    def predict_s(self, layer: int) -> float:
+        return self.layers[layer][2]
+
+    def head_s(self) -> float:
+        return self.head
+
+
+class MeasuredCosts:
+    """The compute of strategy `label` in run `folder`, forward by forward; its link from run.json."""
+
+    def __init__(self, folder: Path, label: str, log: RoutingLog):
+        meta, tables = load_run(folder)
+        if label not in meta.get("strategies", {}):
+            raise UsageError(f"{folder} has no strategy {label}; it ran {', '.join(meta.get('strategies', {}))}")
+        link = meta["strategies"][label]["link"]
+        if link.get("kind") != "emulated":
+            raise UsageError(f"{folder}: measured costs come from a CPU run's emulated link, this one is {link}")
+        self.folder, self.label = folder, label
+        self._latency, self._bytes_per_s = link["latency_us"] * 1e-6, link["gbps"] * 1e9
+        layers = tables["layers"][tables["layers"]["strategy"] == label]
+        timeline = load_timeline(folder)
+        timeline = timeline[timeline["strategy"] == label]
+        key = ["repeat", "batch", "step"]
+        predictions = timeline[timeline["kind"] == "predict"].groupby([*key, "layer"]).size()
+        spans = timeline.assign(seconds=timeline["end_s"] - timeline["start_s"])
+        heads = spans[spans["kind"] == "head"].set_index(key)["seconds"]
+        blocks = spans[spans["kind"] == "moe"].set_index([*key, "layer"])["seconds"]
+        experts = _expert_shares(timeline)
+        self._forwards: dict[tuple[int, int, int], MeasuredForward] = {}
+        for (repeat, batch, step), rows in layers.groupby(key):
+            per_layer, per_expert = {}, {}
+            for row in rows.itertuples(index=False):
+                where = (repeat, batch, step, row.layer)
+                calls = predictions.get(where, 0)
+                # the router's column holds the predictions made at the layer's input; the simulator adds those
+                per_layer[row.layer] = (row.non_expert_s, row.router_s - row.predict_s,
+                                        row.predict_s / calls if calls else 0.0)
+                # all of the block after the router but the waits: each expert's share by its compute slice
+                budget = blocks[where] - row.router_s - row.stall_s
+                for expert, share in experts.get(where, {}).items():
+                    per_expert[(row.layer, expert)] = budget * share
+            self._forwards[(repeat, batch, step)] = MeasuredForward(per_layer, per_expert,
+                                                                    float(heads.get((repeat, batch, step), 0.0)))
+        self._repeats = sorted({k[0] for k in self._forwards})
+        self._log = log
+        self.dispatch_s, self.wake_s = _thread_overheads(timeline)
+
+    def forward(self, repeat: int, f: int) -> MeasuredForward:
+        repeat = min(repeat, self._repeats[-1])  # more simulated repeats than measured: the last one again
+        key = (repeat, int(self._log.forward_batch[f]), int(self._log.forward_step[f]))
+        if key not in self._forwards:
+            raise UsageError(f"{self.folder} measured no forward {key} (repeat, batch, step) of {self.label}; "
+                             f"was the log recorded from this run?")
+        return self._forwards[key]
+
+    def copy_s(self, nbytes: int) -> float:
+        return self.dispatch_s + self._latency + nbytes / self._bytes_per_s
+
+    def describe(self) -> dict:
+        return {"kind": "measured", "run": str(self.folder), "strategy": self.label,
+                "dispatch_us": round(self.dispatch_s * 1e6, 1), "wake_us": round(self.wake_s * 1e6, 1)}
+
+
+def _thread_overheads(timeline: pd.DataFrame) -> tuple[float, float]:
+    """The runtime's threads at work, measured: the copy worker's turnaround between a chunk landing and the
+    next one starting when that one was already queued (lock, pick, waking on a busy machine), and the time
+    from the last chunk landing to compute resuming after a stall. Means, as they add up over a run."""
+    copies = timeline[timeline["kind"] == "chunk"].sort_values("start_s")
+    if len(copies) < 2:
+        return 0.0, 0.0
+    start, end, queued = (copies[c].to_numpy() for c in ("start_s", "end_s", "queued_s"))
+    waiting = queued[1:] <= end[:-1]  # the next chunk was queued before this one landed: no idle time
+    dispatch = float((start[1:] - end[:-1])[waiting].mean()) if waiting.any() else 0.0
+    stalls = timeline[timeline["kind"] == "stall"]["end_s"].to_numpy()
+    landed = np.sort(end)
+    before = np.searchsorted(landed, stalls) - 1  # the last chunk landed before compute resumed
+    wake = stalls[before >= 0] - landed[before[before >= 0]]
+    return dispatch, float(wake.mean()) if len(wake) else 0.0
+
+
+def _expert_shares(timeline: pd.DataFrame) -> dict:
+    """(repeat, batch, step, layer) -> {expert: its share of the layer's expert compute}, from each expert's
+    compute slice minus the waits for copies inside it (the down chunk, which compute may wait for)."""
+    key = ["repeat", "batch", "step", "layer"]
+    experts = timeline[timeline["kind"] == "expert"].sort_values([*key, "start_s"])
+    stalls = timeline[timeline["kind"] == "stall"]
+    seconds = (experts["end_s"] - experts["start_s"]).to_numpy()
+    if not stalls.empty:  # a stall inside an expert's slice is the wait for its down chunk
+        slices = experts[[*key, "start_s", "end_s"]].assign(index=np.arange(len(experts))).sort_values("start_s")
+        waits = stalls[[*key, "start_s", "end_s"]].rename(columns={"end_s": "stall_end"}).sort_values("start_s")
+        inside = pd.merge_asof(waits, slices, on="start_s", by=key, direction="backward").dropna(subset=["index"])
+        inside = inside[inside["stall_end"] <= inside["end_s"]]
+        np.subtract.at(seconds, inside["index"].to_numpy(dtype=int),
+                       (inside["stall_end"] - inside["start_s"]).to_numpy())
+    out: dict = {}
+    for row, spent in zip(experts[[*key, "expert"]].itertuples(index=False), seconds, strict=True):
+        out.setdefault((row.repeat, row.batch, row.step, row.layer), {})[row.expert] = float(spent)
+    for shares in out.values():
+        total = sum(shares.values()) or 1.0
+        for expert in shares:
+            shares[expert] /= total
+    return out

@@ -1,0 +1,222 @@
+"""The simulator: a routing log replayed through the strategies in simulated time, on a model of the hardware.
+
+It runs the runtime's own pieces: the strategy modules (through the Environment, as in the runtime),
+the expert cache and its eviction policies, the copy scheduler (priorities, chunking, preemption) and
+the step recorder, so a simulated run has the real one's rows and timeline. Only time is modelled:
+compute advances a clock by what a cost model says (`costs.py`), and one host-to-device link moves
+each chunk in `copy_s(bytes)`, the next chunk starting the moment the previous lands, as the copy
+worker does.
+
+Everything is deterministic: no threads, no wall clock, the noisy predictor seeded by layer and
+position; the same inputs give the same outputs, byte for byte.
+"""
+
+from dataclasses import dataclass
+
+from .cache import ExpertCache
+from .copy_scheduler import CopyScheduler, Priority
+from .environment import ModelShape
+from .links import Transfer
+from .metrics import StepRecorder
+from .predictors import FROM_TRACE, rank, trace_guess
+from .routing_log import RoutingLog
+
+
+class SimClock:
+    """The recorder's clock in simulated seconds: a stamp is the simulated time it was taken at."""
+
+    cuda = False
+    host_origin_ns = 0
+
+    def __init__(self):
+        self.now = 0.0
+
+    def stamp(self) -> float:
+        return self.now
+
+    def at(self, stamp: float) -> float:
+        return stamp
+
+    def host_at(self, ns: int) -> float:
+        return ns * 1e-9
+
+    def sync(self) -> None:
+        pass
+
+
+@dataclass
+class _Chunk:
+    task: object
+    nbytes: int
+    start: float
+    end: float
+
+
+class SimulatedLink:
+    """The copy scheduler driven in simulated time over one link. Lazy: before compute does anything at
+    time t, `advance(t)` lands every chunk that ends by t, starting each next chunk at the moment the
+    previous one landed, so the scheduler sees the cache as compute left it at that moment."""
+
+    def __init__(self, scheduler: CopyScheduler, chunk_bytes: tuple[int, ...], copy_s, clock: SimClock):
+        self.scheduler, self.chunk_bytes, self.copy_s, self.clock = scheduler, chunk_bytes, copy_s, clock
+        self.inflight: _Chunk | None = None
+        self.bytes = 0
+
+    def _start(self, at: float) -> None:
+        pick = self.scheduler.next_chunk()
+        if pick is not None:
+            task, chunk = pick
+            nbytes = self.chunk_bytes[chunk]
+            self.inflight = _Chunk(task, nbytes, at, at + self.copy_s(nbytes))
+
+    def advance(self, now: float) -> None:
+        while self.inflight is not None and self.inflight.end <= now:
+            chunk, self.inflight = self.inflight, None
+            self.bytes += chunk.nbytes
+            self.scheduler.landed(chunk.task, chunk.nbytes, Transfer(None, chunk.start, chunk.end))
+            self._start(chunk.end)
+        if self.inflight is None:
+            self._start(now)  # compute may have made something movable
+
+    def wait(self, layer: int, expert: int, chunks: int) -> bool:
+        """Compute needs `chunks` chunks of the expert: move the clock to when they have landed. Whether
+        compute had to wait."""
+        self.advance(self.clock.now)
+        stalled = False
+        while self.scheduler.need(layer, expert, chunks) is None:
+            stalled = True
+            self.advance(self.clock.now)  # a refetch the need queued may start now
+            if self.inflight is None:
+                raise RuntimeError(f"simulation stuck: expert {expert} of layer {layer} can never be copied")
+            self.clock.now = self.inflight.end
+            self.advance(self.clock.now)
+        return stalled
+
+    def drain(self) -> None:
+        """Land every queued copy (after setup, as the runtime's engine.idle does)."""
+        while self.scheduler.busy:
+            self.advance(self.clock.now)
+            if self.inflight is None:
+                break  # the rest cannot claim a slot
+            self.clock.now = self.inflight.end
+        self.advance(self.clock.now)
+
+
+class Simulation:
+    """Implements the strategies' Environment in simulated time; one instance per strategy, like the
+    runtime's OffloadRuntime, and the same `recorder` and `finish_step` for the records."""
+
+    def __init__(self, log: RoutingLog, strategy, capacity: int, costs, chunk_bytes: tuple[int, ...],
+                 detail: bool = True):
+        self.log, self.strategy, self.costs = log, strategy, costs
+        layers = log.num_layers
+        self.shape = ModelShape(layers, log.num_experts, log.top_k, sum(chunk_bytes), capacity)
+        self.trace = log.routing_trace() if strategy.needs_trace else None
+        self.clock = SimClock()
+        self.recorder = StepRecorder(self.clock, layers, detail)
+        self.cache = ExpertCache(layers, capacity, strategy.eviction_policy(self), chunk_bytes)
+        self.scheduler = CopyScheduler(self.cache, layers, now_ns=lambda: round(self.clock.now * 1e9))
+        self.link = SimulatedLink(self.scheduler, chunk_bytes, costs.copy_s, self.clock)
+        self._positions = [0] * layers
+        self._forward = 0
+        strategy.setup(self)
+        self.link.drain()
+        self._counted = self.scheduler.take_counters()[:-1]  # copies made while setting up belong to no step
+
+    # -- Environment -----------------------------------------------------------------------------
+
+    def is_resident(self, layer: int, expert: int) -> bool:
+        return self.chunks_ready(layer, expert) == 3
+
+    def chunks_ready(self, layer: int, expert: int) -> int:
+        self.link.advance(self.clock.now)
+        entry = self.cache.lookup(layer, expert)
+        return entry.chunks_ready if entry is not None else 0
+
+    def request(self, layer: int, expert: int, priority: Priority, chunked: bool = True) -> None:
+        self.link.advance(self.clock.now)
+        self.scheduler.request(layer, expert, priority, chunked)
+        self.link.advance(self.clock.now)
+
+    def drop_pending(self, layer: int) -> int:
+        self.link.advance(self.clock.now)
+        dropped = self.scheduler.drop_low(layer)
+        self.link.advance(self.clock.now)
+        return dropped
+
+    def evict(self, layer: int, expert: int) -> None:
+        self.link.advance(self.clock.now)
+        self.scheduler.evict(layer, expert)
+        self.link.advance(self.clock.now)
+
+    def position(self, layer: int) -> int:
+        return self._positions[layer]
+
+    def predict(self, layer: int, target: int, predictor: str, min_prob: float = 0.0,
+                recall: float = 1.0) -> list[int]:
+        start = self.clock.now
+        if predictor in FROM_TRACE:
+            ranked = trace_guess(self.trace, target, self._positions[target], predictor, recall, self.shape)
+        else:
+            self.clock.now += self._costs.predict_s(layer)
+            picks, probs = self.log.predictions[(predictor, target - layer)]
+            rows = self.log.rows(self._forward, layer)
+            ranked = rank(picks[rows], probs[rows], self.shape.num_experts, min_prob)
+        self.recorder.predicted(layer, target, ranked, self.clock.now - start, start, self.clock.now)
+        return ranked
+
+    # -- a forward -------------------------------------------------------------------------------
+
+    def _wait(self, layer: int, expert: int, chunks: int) -> bool:
+        start = self.clock.now
+        stalled = self.link.wait(layer, expert, chunks)
+        if stalled:
+            self.clock.now += self.costs.wake_s
+            self.recorder.stall(layer, start, self.clock.now)
+        return stalled
+
+    def forward(self, f: int, **context) -> float:
+        """Replay forward `f` of the log (`context` holds the repeat, which measured costs depend on);
+        returns its simulated seconds."""
+        log, clock, recorder, strategy = self.log, self.clock, self.recorder, self.strategy
+        costs = self._costs = self.costs.forward(context["repeat"], f)
+        self._forward = f
+        recorder.begin_step(**context)
+        for layer in range(log.num_layers):
+            clock.now += costs.non_expert_s(layer)
+            recorder.block_start(layer)
+            strategy.on_layer_input(self, layer)
+            clock.now += costs.router_s(layer)
+            routed = log.routed(f, layer)
+            recorder.router_end(layer, routed, sum(self.is_resident(layer, e) for e in routed))
+            self._positions[layer] += 1
+            self.link.advance(clock.now)
+            self.cache.begin_forward(layer, routed)  # as the runtime: pending before any copy is requested
+            order = strategy.on_router(self, layer, routed)
+            assert sorted(order) == sorted(routed), f"{strategy.name} must run each routed expert once"
+            self.cache.begin_forward(layer, order)
+            self.link.advance(clock.now)
+            tokens = log.tokens_per_expert(f, layer)
+            late = set()
+            for expert in order:
+                stalled = self._wait(layer, expert, 2)  # gate and up landed; down may still be copying
+                start = recorder.stamp()
+                seconds = costs.expert_s(layer, expert, tokens[expert])
+                clock.now += seconds * 2 / 3  # gate and up: two of the three matrices
+                if self._wait(layer, expert, 3) or stalled:
+                    late.add(expert)
+                clock.now += seconds / 3
+                recorder.expert(layer, expert, start, recorder.stamp())
+                self.link.advance(clock.now)
+                self.scheduler.release(layer, expert)
+                self.link.advance(clock.now)  # the freed slot may let a waiting copy start now
+            strategy.after_layer(self, layer, order)
+            recorder.experts_end(layer, late, self.cache.occupied_slots() * self.shape.expert_bytes)
+            recorder.block_end(layer)
+        clock.now += costs.head_s()
+        self.link.advance(clock.now)
+        *now, landed = self.scheduler.take_counters()
+        deltas = [[b - a for a, b in zip(before, after, strict=True)]
+                  for before, after in zip(self._counted, now, strict=True)]
+        self._counted = now
+        return recorder.finish_step(*deltas, landed)
