@@ -45,10 +45,12 @@ class CopyCounters:
 
 
 class CopyScheduler:
-    def __init__(self, cache: ExpertCache, num_layers: int, now_ns=time.perf_counter_ns):
-        """`now_ns`: the clock a task's request time is read from (the simulator's is simulated)."""
+    def __init__(self, cache: ExpertCache, num_layers: int, now_ns=time.perf_counter_ns, record_chunks: bool = True):
+        """`now_ns`: the clock a task's request time is read from (the simulator's is simulated);
+        `record_chunks`: keep a timeline row per landed chunk."""
         self.cache = cache
         self.now_ns = now_ns
+        self.record_chunks = record_chunks
         self.counters = CopyCounters([0] * num_layers, [0] * num_layers)
         self._landed: list[dict] = []  # timeline rows of chunks landed since the owner last took them
         self._queues = {Priority.HIGH: deque(), Priority.LOW: deque()}
@@ -160,9 +162,10 @@ class CopyScheduler:
         entry = task.entry
         entry.events.append(transfer.landed)
         self.counters.bytes[task.layer] += nbytes
-        self._landed.append({**event(None, task.layer, "copy", "chunk", transfer.start, transfer.end, bytes=nbytes,
-                                    expert=task.expert, priority=task.priority.name, queued_s=task.queued_ns),
-                            "task": task})
+        if self.record_chunks:
+            self._landed.append({**event(None, task.layer, "copy", "chunk", transfer.start, transfer.end,
+                                         bytes=nbytes, expert=task.expert, priority=task.priority.name,
+                                         queued_s=task.queued_ns), "task": task})
         if task.chunked or len(entry.events) == NUM_CHUNKS:  # unchunked: compute sees whole experts only
             entry.chunks_ready = len(entry.events)
         finished = entry.ready or (task.cancelled and task.chunked)

@@ -9,6 +9,7 @@ Both give `forward(repeat, f)`, the costs of forward f of the log in that repeat
 `wake_s`: how long compute takes to resume after the copy it waited for lands.
 """
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,26 +36,27 @@ def forward_shapes(log: RoutingLog) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     return tokens, sequences, context
 
 
-@dataclass(frozen=True)
 class ProfiledForward:
-    model: CostModel
-    tokens: int
-    sequences: int
-    context: float
+    """One forward's costs from the cost model, worked out once: every MoE layer gets the same share."""
+
+    def __init__(self, model: CostModel, expert_cost, tokens: int, sequences: int, context: float):
+        self.expert_cost = expert_cost  # tokens -> seconds of one expert, memoised (decode asks a few sizes)
+        self.router = model.router_s(tokens)
+        # the cost model's non-expert share includes the router, which the simulator places on its own
+        self.non_expert = model.non_expert_s(tokens, context, sequences) - self.router
+        self.predict = model.predictor_s(tokens)
 
     def non_expert_s(self, layer: int) -> float:
-        # the cost model's non-expert share includes the router, which the simulator places on its own
-        return (self.model.non_expert_s(self.tokens, self.context, self.sequences)
-                - self.model.router_s(self.tokens))
+        return self.non_expert
 
     def router_s(self, layer: int) -> float:
-        return self.model.router_s(self.tokens)
+        return self.router
 
     def expert_s(self, layer: int, expert: int, tokens: int) -> float:
-        return self.model.expert_s(tokens)
+        return self.expert_cost(tokens)
 
     def predict_s(self, layer: int) -> float:
-        return self.model.predictor_s(self.tokens)
+        return self.predict
 
     def head_s(self) -> float:
         return 0.0  # in the non-expert shares
@@ -63,8 +65,9 @@ class ProfiledForward:
 class ProfileCosts:
     def __init__(self, model: CostModel, log: RoutingLog):
         self.model = model
-        self._forwards = [ProfiledForward(model, int(t), int(s), float(c)) for t, s, c in zip(*forward_shapes(log),
-                                                                                             strict=True)]
+        expert_cost = functools.cache(model.expert_s)
+        self._forwards = [ProfiledForward(model, expert_cost, int(t), int(s), float(c))
+                          for t, s, c in zip(*forward_shapes(log), strict=True)]
         self.expert_bytes = model.expert_bytes
         self.wake_s = 0.0  # compute waits on a CUDA event: the device resumes by itself
 

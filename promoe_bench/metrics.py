@@ -10,7 +10,6 @@ timeline empty): what the instrumentation-overhead benchmark compares against.
 
 import math
 import time
-from dataclasses import dataclass, field
 
 import torch
 
@@ -52,21 +51,23 @@ class Clock:
             torch.cuda.synchronize()
 
 
-@dataclass
 class _LayerStamps:
-    block_start: object = None
-    router_end: object = None
-    experts_end: object = None
-    block_end: object = None
-    stalls: list = field(default_factory=list)  # (start, end) pairs around waits for copies
-    experts: list = field(default_factory=list)  # (expert, start, end) of each expert's compute
-    predictions: list = field(default_factory=list)  # (target, start, end) of predictions made from here
-    routed: tuple = ()  # distinct experts in routing order
-    hits: int = 0
-    late: frozenset = frozenset()  # routed experts compute had to wait for
-    predicted: tuple | None = None  # what a predictor guessed for this layer, when one did
-    predict_s: float = 0.0  # spent predicting later layers from this layer's input (host time)
-    occupied_bytes: int = 0  # bytes of cache slots in use when the layer's experts were done
+    """One layer's stamps and facts in the current step (a plain class: a simulator makes millions)."""
+
+    __slots__ = ("block_start", "router_end", "experts_end", "block_end", "stalls", "experts", "predictions",
+                 "routed", "hits", "late", "predicted", "predict_s", "occupied_bytes")
+
+    def __init__(self):
+        self.block_start = self.router_end = self.experts_end = self.block_end = None
+        self.stalls: list = []  # (start, end) pairs around waits for copies
+        self.experts: list = []  # (expert, start, end) of each expert's compute
+        self.predictions: list = []  # (target, start, end) of predictions made from here
+        self.routed: tuple = ()  # distinct experts in routing order
+        self.hits = 0
+        self.late: frozenset = frozenset()  # routed experts compute had to wait for
+        self.predicted: tuple | None = None  # what a predictor guessed for this layer, when one did
+        self.predict_s = 0.0  # spent predicting later layers from this layer's input (host time)
+        self.occupied_bytes = 0  # bytes of cache slots in use when the layer's experts were done
 
 
 class StepRecorder:

@@ -17,9 +17,9 @@ Bytes per token row: 3 K for the routing plus 3 P per (predictor, distance); 4 i
 experts. K = 8 with two predictors x three distances of P = 8: 24 + 144 = 168 bytes, 16.8 MB per 100k rows.
 """
 
+import functools
 import json
 import os
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -119,12 +119,30 @@ class RoutingLog:
 
     def routed(self, f: int, l: int) -> list[int]:  # noqa: E741
         """Distinct experts in order of first appearance, row-major (token, then k): the runtime's routing order."""
-        return [e for e in dict.fromkeys(self.experts[self.rows(f, l)].ravel().tolist()) if e >= 0]
+        return list(self.layer_routing[f][l])
 
     def tokens_per_expert(self, f: int, l: int) -> dict[int, int]:  # noqa: E741
         """Expert -> token rows routed to it, in routing order (top-k picks are distinct within a row)."""
-        uses = Counter(self.experts[self.rows(f, l)].ravel().tolist())
-        return {e: uses[e] for e in self.routed(f, l)}
+        return dict(self.layer_routing[f][l])
+
+    @functools.cached_property
+    def layer_routing(self) -> list[list[dict[int, int]]]:
+        """[f][l]: expert -> token rows routed to it, in routing order; worked out once (a simulator reads
+        every (f, l) in every repeat of every strategy)."""
+        ids = self.experts.tolist()
+        offsets = self._offsets.tolist()
+        out = []
+        for f in range(len(self.counts)):
+            layers = []
+            for layer in range(self.num_layers):
+                uses: dict[int, int] = {}
+                for row in ids[offsets[f][layer]:offsets[f][layer + 1]]:
+                    for expert in row:
+                        if expert >= 0:
+                            uses[expert] = uses.get(expert, 0) + 1
+                layers.append(uses)
+            out.append(layers)
+        return out
 
     def routing_trace(self) -> RoutingTrace:
         """Per layer, one position per forward in order; a forward without rows at a layer is an empty position."""

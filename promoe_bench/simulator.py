@@ -70,12 +70,16 @@ class SimulatedLink:
             self.inflight = _Chunk(task, nbytes, at, at + self.copy_s(nbytes))
 
     def advance(self, now: float) -> None:
-        while self.inflight is not None and self.inflight.end <= now:
-            chunk, self.inflight = self.inflight, None
-            self.bytes += chunk.nbytes
-            self.scheduler.landed(chunk.task, chunk.nbytes, Transfer(None, chunk.start, chunk.end))
-            self._start(chunk.end)
-        if self.inflight is None:
+        inflight = self.inflight
+        if inflight is not None and inflight.end > now:
+            return  # the common case, kept cheap: the link is busy past now
+        while inflight is not None and inflight.end <= now:
+            self.inflight = None
+            self.bytes += inflight.nbytes
+            self.scheduler.landed(inflight.task, inflight.nbytes, Transfer(None, inflight.start, inflight.end))
+            self._start(inflight.end)
+            inflight = self.inflight
+        if inflight is None and self.scheduler.busy:
             self._start(now)  # compute may have made something movable
 
     def wait(self, layer: int, expert: int, chunks: int) -> bool:
@@ -115,7 +119,8 @@ class Simulation:
         self.clock = SimClock()
         self.recorder = StepRecorder(self.clock, layers, detail)
         self.cache = ExpertCache(layers, capacity, strategy.eviction_policy(self), chunk_bytes)
-        self.scheduler = CopyScheduler(self.cache, layers, now_ns=lambda: round(self.clock.now * 1e9))
+        self.scheduler = CopyScheduler(self.cache, layers, now_ns=lambda: round(self.clock.now * 1e9),
+                                       record_chunks=detail)
         self.link = SimulatedLink(self.scheduler, chunk_bytes, costs.copy_s, self.clock)
         self._positions = [0] * layers
         self._forward = 0
@@ -167,6 +172,21 @@ class Simulation:
 
     # -- a forward -------------------------------------------------------------------------------
 
+    def _quiet_hit(self, layer: int, expert: int, seconds: float) -> bool:
+        """The fast path of most accesses: a resident expert, and a link that stays quiet while it computes
+        (idle with nothing queued, or busy with a chunk landing after): nothing can happen meanwhile, so
+        it computes and is done. Returns whether it was taken."""
+        entry = self.cache.lookup(layer, expert)
+        if entry is None or entry.chunks_ready < 3:
+            return False
+        inflight, start = self.link.inflight, self.clock.now
+        if inflight.end <= start + seconds if inflight is not None else self.scheduler.busy:
+            return False
+        self.clock.now = start + seconds
+        self.recorder.expert(layer, expert, start, self.clock.now)
+        self.cache.computed(layer, expert)
+        return True
+
     def _wait(self, layer: int, expert: int, chunks: int) -> bool:
         start = self.clock.now
         stalled = self.link.wait(layer, expert, chunks)
@@ -187,8 +207,12 @@ class Simulation:
             recorder.block_start(layer)
             strategy.on_layer_input(self, layer)
             clock.now += costs.router_s(layer)
-            routed = log.routed(f, layer)
-            recorder.router_end(layer, routed, sum(self.is_resident(layer, e) for e in routed))
+            tokens = log.layer_routing[f][layer]
+            routed = list(tokens)
+            self.link.advance(clock.now)
+            lookup = self.cache.lookup
+            recorder.router_end(layer, routed, sum(1 for e in routed if (entry := lookup(layer, e)) is not None
+                                                   and entry.chunks_ready == 3))
             self._positions[layer] += 1
             self.link.advance(clock.now)
             self.cache.begin_forward(layer, routed)  # as the runtime: pending before any copy is requested
@@ -196,12 +220,13 @@ class Simulation:
             assert sorted(order) == sorted(routed), f"{strategy.name} must run each routed expert once"
             self.cache.begin_forward(layer, order)
             self.link.advance(clock.now)
-            tokens = log.tokens_per_expert(f, layer)
             late = set()
             for expert in order:
+                seconds = costs.expert_s(layer, expert, tokens[expert])
+                if self._quiet_hit(layer, expert, seconds):
+                    continue
                 stalled = self._wait(layer, expert, 2)  # gate and up landed; down may still be copying
                 start = recorder.stamp()
-                seconds = costs.expert_s(layer, expert, tokens[expert])
                 clock.now += seconds * 2 / 3  # gate and up: two of the three matrices
                 if self._wait(layer, expert, 3) or stalled:
                     late.add(expert)
@@ -211,7 +236,8 @@ class Simulation:
                 self.scheduler.release(layer, expert)
                 self.link.advance(clock.now)  # the freed slot may let a waiting copy start now
             strategy.after_layer(self, layer, order)
-            recorder.experts_end(layer, late, self.cache.occupied_slots() * self.shape.expert_bytes)
+            occupied = self.cache.occupied_slots() * self.shape.expert_bytes if recorder.detail else 0
+            recorder.experts_end(layer, late, occupied)
             recorder.block_end(layer)
         clock.now += costs.head_s()
         self.link.advance(clock.now)
