@@ -274,9 +274,10 @@ def _write_tables(writer: RunWriter, runs: list[StrategyRun], cfg: RunConfig, re
     return write_tables(writer, runs, cfg.baseline, matches)
 
 
-def write_tables(writer: RunWriter, runs: list[StrategyRun], baseline: str, matches: dict) -> pd.DataFrame:
+def write_tables(writer: RunWriter, runs: list[StrategyRun], baseline: str | dict, matches: dict) -> pd.DataFrame:
     """Every table of a run folder from the strategies run so far; the summary. `matches`: label ->
-    whether its tokens are full_gpu's (None where no tokens were made, in a simulation)."""
+    whether its tokens are full_gpu's (None where no tokens were made, in a simulation); `baseline`: a
+    label, or each label's own."""
     requests = pd.DataFrame([row for run in runs for row in run.requests])
     steps = pd.DataFrame([row for run in runs for row in run.steps])
     layers = pd.DataFrame([row for run in runs for row in run.layers])

@@ -208,6 +208,98 @@ def trace(run_folder, strategy, repeat, steps, max_events, out):
 
 
 @main.command()
+@click.option("--trace", "trace_path", type=click.Path(path_type=Path), required=True,
+              help="A routing log (run --record-trace, import-trace or synth-trace).")
+@click.option("--hardware", default=None, help="A hardware profile (see `promoe-bench profiles`) or TOML file.")
+@click.option("--model-profile", default=None, help="A model profile, a config.json or a checkpoint folder.")
+@click.option("--precision", default="fp16", show_default=True, help="Expert weights: fp16, int8 or int4.")
+@click.option("--measured", type=click.Path(path_type=Path), default=None,
+              help="Instead of profiles: a CPU run folder whose measured costs replay its own recorded log.")
+@click.option("--strategy", "strategies", default="all", show_default=True, help="As for `run`.")
+@click.option("--cache-rate", default="0.5", show_default=True, help="One or more, comma-separated: 0.25,0.5,0.75.")
+@click.option("--repeats", type=int, default=1, show_default=True)
+@click.option("--warmup", type=int, default=1, show_default=True, help="Warm-up passes over the log, excluded.")
+@click.option("--baseline", default="lru", show_default=True)
+@click.option("--layer-map", default=None, help="cycle or truncate: project a log onto a model with other layers.")
+@click.option("--no-timeline", is_flag=True, help="Keep no timeline (a long log replays faster).")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("runs/simulated"), show_default=True)
+@click.option("--overwrite", is_flag=True)
+def simulate(trace_path, hardware, model_profile, precision, measured, strategies, cache_rate, repeats, warmup,
+             baseline, layer_map, no_timeline, out, overwrite):
+    """Replay a routing log under strategies on modelled hardware; write a run folder marked simulated."""
+    from .simulate import SimConfig
+    from .simulate import simulate as run_simulation
+    from .summary import format_table
+
+    try:
+        rates = tuple(float(r) for r in cache_rate.split(","))
+    except ValueError:
+        raise UsageError(f"--cache-rate {cache_rate!r}: expected numbers separated by commas") from None
+    cfg = SimConfig(trace_path, hardware, model_profile, precision, measured, strategies, rates, repeats, warmup,
+                    baseline, layer_map, not no_timeline, out, overwrite)
+    summary, folder, notes = run_simulation(cfg)
+    for note in notes:
+        click.echo(note)
+    click.echo(format_table(summary, baseline))
+    click.echo(f"wrote {folder}")
+
+
+@main.command("import-trace")
+@click.argument("log", type=click.Path(path_type=Path))
+@click.option("--num-experts", type=int, default=None, help="Experts per layer [default: the largest id + 1].")
+@click.option("--out", type=click.Path(path_type=Path), required=True)
+def import_trace(log, num_experts, out):
+    """Import a JSON-lines routing log ({layer, token_pos, experts, gating_probs} per line)."""
+    from .routing_import import import_jsonl
+
+    imported = import_jsonl(log, num_experts)
+    imported.save(out)
+    gaps = imported.gaps()
+    click.echo(f"{len(imported.counts)} forwards, {imported.num_layers} layers, {imported.num_experts} experts, "
+               f"top-{imported.top_k}; gaps: {gaps.get('missing_rows', 0)} token-layers missing "
+               f"({gaps.get('missing_layer_steps', 0)} layer-steps without any)")
+    click.echo(f"wrote {out}")
+
+
+@main.command("synth-trace")
+@click.option("--layers", type=int, required=True)
+@click.option("--experts", type=int, required=True)
+@click.option("--top-k", type=int, required=True)
+@click.option("--prompt-tokens", type=int, default=256, show_default=True)
+@click.option("--decode-steps", type=int, default=128, show_default=True)
+@click.option("--batches", type=int, default=1, show_default=True, help="Requests, one after another.")
+@click.option("--skew", type=float, default=1.0, show_default=True, help="Zipf exponent of expert popularity.")
+@click.option("--repeat", type=float, default=0.3, show_default=True,
+              help="Probability a token reuses the previous token's experts.")
+@click.option("--cross-layer", type=float, default=0.5, show_default=True,
+              help="Probability a pick follows a fixed map of the layer before.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), required=True)
+def synth_trace(layers, experts, top_k, prompt_tokens, decode_steps, batches, skew, repeat, cross_layer, seed, out):
+    """Make a SYNTHETIC routing log with stated structure (marked synthetic wherever its results appear)."""
+    from .routing_synthetic import synthetic_log
+
+    synthetic_log(layers, experts, top_k, prompt_tokens, decode_steps, batches, skew, repeat, cross_layer,
+                  seed).save(out)
+    click.echo(f"wrote {out} (synthetic)")
+
+
+@main.command()
+def profiles():
+    """List the shipped hardware and model profiles."""
+    from .profiles import shipped_hardware, shipped_model_profiles
+
+    click.echo("hardware:")
+    for name, hw in shipped_hardware().items():
+        click.echo(f"  {name:<16} {hw.h2d_gbps:>6.1f} GB/s h2d, {hw.memory_gb:>5.0f} GB, {hw.fp16_tflops:>6.1f} "
+                   f"TFLOP/s fp16: {hw.description}")
+    click.echo("models:")
+    for name, model in shipped_model_profiles().items():
+        click.echo(f"  {name:<18} {model.moe_layers} MoE layers, {model.experts} experts, top-{model.top_k}, "
+                   f"{model.expert_bytes('fp16') / 1e6:.1f} MB per fp16 expert")
+
+
+@main.command()
 def strategies():
     """List the registered offload strategies."""
     from .strategies import available

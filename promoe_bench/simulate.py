@@ -9,7 +9,6 @@ results then name.
 """
 
 import dataclasses
-import datetime
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,6 +100,16 @@ def _available(strategy, log: RoutingLog):
     return dataclasses.replace(strategy, predictor="noisy") if missing else strategy
 
 
+def _baselines(runs, baseline: str, per_rate: bool) -> str | dict[str, str]:
+    """Each strategy's baseline: `baseline`, or with several cache rates the baseline at the same rate."""
+    if not per_rate:
+        return baseline
+    labels = {s.label for s in runs}
+    base = resolve(baseline)[0]
+    return {s.label: (label if (label := dataclasses.replace(base, cache_rate=s.cache_rate).label) in labels
+                      else baseline) for s in runs}
+
+
 def _requests(log: RoutingLog) -> dict[int, list]:
     batches = log.meta.get("batches") or {}
     return {int(b): batches.get(str(int(b)), [f"batch-{int(b)}"]) for b in dict.fromkeys(log.forward_batch)}
@@ -130,15 +139,19 @@ def simulate_strategy(log: RoutingLog, strategy, capacity: int, costs, chunk_byt
                                  "batch": batch, "request": request, "prompt_tokens": prompt,
                                  "output_tokens": len(spent), "ttft_s": ttft, "tpot_s": tpot,
                                  "prefill_tok_s": prompt / ttft, "decode_tok_s": 1 / tpot})
-    link = {"kind": "simulated", **costs.describe(), "bytes": sim.link.bytes}
+    link = {"kind": "simulated", "costs": costs.describe(), "bytes": sim.link.bytes}
     return StrategyRun(strategy.label, capacity, requests, steps, sim.recorder.rows, None, link,
                        timeline.frame(sim.recorder.timeline), [], pd.DataFrame(),
                        {"hardware counters": "a simulation measures nothing"})
 
 
-def simulate(cfg: SimConfig) -> tuple[pd.DataFrame, Path]:
+def simulate(cfg: SimConfig) -> tuple[pd.DataFrame, Path, list[str]]:
+    """The summary, the run folder, and notes for the user (what the results stand on)."""
     log = RoutingLog.load(cfg.trace)
-    strategies = [_available(s, log) for s in resolve(cfg.strategies)]
+    asked = resolve(cfg.strategies)
+    strategies = [_available(s, log) for s in asked]
+    notes = [f"note: {cfg.trace} holds no {', '.join(sorted(a.predictors))} guesses: {a.label} runs as {s.label}"
+             for a, s in zip(asked, strategies, strict=True) if a is not s]
     if cfg.measured is not None:
         run_meta, _ = load_run(cfg.measured)
         expert_bytes = run_meta["model"]["expert_bytes"]
@@ -149,9 +162,9 @@ def simulate(cfg: SimConfig) -> tuple[pd.DataFrame, Path]:
 
         model_info = {**run_meta["model"], "from_run": str(cfg.measured)}
     else:
-        model = load_model_profile(cfg.model_profile)
+        hardware, model = load_hardware(cfg.hardware), load_model_profile(cfg.model_profile)
         log = _fit_log(log, cfg, model)
-        cost_model = CostModel(load_hardware(cfg.hardware), model, cfg.precision)
+        cost_model = CostModel(hardware, model, cfg.precision)
         expert_bytes = cost_model.expert_bytes
         shared = ProfileCosts(cost_model, log)
         measured_slots = {}
@@ -169,11 +182,19 @@ def simulate(cfg: SimConfig) -> tuple[pd.DataFrame, Path]:
         runs = [s if s.name == "full_gpu" or s.cache_rate is not None else dataclasses.replace(s, cache_rate=r)
                 for r in cfg.cache_rates for s in runs]
         runs = list({s.label: s for s in runs}.values())
+    baseline = _baselines(runs, cfg.baseline, len(cfg.cache_rates) > 1)
     capacities = [measured_slots.get(s.label) or s.capacity(log.num_experts, cache_capacity(
         log.num_experts, log.top_k, log.num_layers, expert_bytes, s.cache_rate or cfg.cache_rates[0], None))
         for s in runs]
     writer = RunWriter(cfg.out, cfg.overwrite)
-    meta = {"status": "running", "started": datetime.datetime.now(datetime.UTC).isoformat(),
+    source = log.meta.get("source")
+    notes.insert(0, f"simulated: {source} routing from {cfg.trace}" + (
+        f" (SYNTHETIC: {log.meta.get('synthetic')})" if source == "synthetic" else "") + ", costs from " + (
+        f"{cfg.hardware} and {cfg.model_profile} ({cfg.precision})" if cfg.measured is None else str(cfg.measured)))
+    if log.meta.get("layer_map"):
+        notes.insert(1, f"layers mapped: {log.meta['layer_map']}")
+    # no wall-clock times in a simulated run: the same inputs give the same bytes
+    meta = {"status": "running",
             "simulated": {"trace": str(cfg.trace), "source": log.meta.get("source"),
                           "synthetic": log.meta.get("synthetic"), "imported": log.meta.get("imported", {}).get("file"),
                           "gaps": log.gaps(), "layer_map": log.meta.get("layer_map")},
@@ -188,7 +209,7 @@ def simulate(cfg: SimConfig) -> tuple[pd.DataFrame, Path]:
             meta["strategies"][strategy.label] = {"cache_slots_per_layer": capacity,
                                                   "cache_bytes": capacity * log.num_layers * expert_bytes,
                                                   "link": done[-1].link, "unmeasured": done[-1].unmeasured}
-            summary = write_tables(writer, done, cfg.baseline, {run.label: None for run in done})
+            summary = write_tables(writer, done, baseline, {run.label: None for run in done})
             writer.metadata(meta)
         meta["status"] = "complete"
     except BaseException as error:
@@ -196,7 +217,6 @@ def simulate(cfg: SimConfig) -> tuple[pd.DataFrame, Path]:
         meta["reason"] = f"{type(error).__name__}: {error}"
         raise
     finally:
-        meta["finished"] = datetime.datetime.now(datetime.UTC).isoformat()
         writer.metadata(meta)
         out = writer.publish()
-    return summary, out
+    return summary, out, notes

@@ -13,7 +13,7 @@ phases' counters (`hardware`).
 import pandas as pd
 
 
-def summarize(requests: pd.DataFrame, steps: pd.DataFrame, layers: pd.DataFrame, baseline: str,
+def summarize(requests: pd.DataFrame, steps: pd.DataFrame, layers: pd.DataFrame, baseline: str | dict[str, str],
               tokens_match: dict[str, bool], phases: pd.DataFrame | None = None) -> pd.DataFrame:
     measured = requests[~requests["warmup"]]
     layer_rows = layers[~layers["warmup"]]
@@ -50,10 +50,12 @@ def summarize(requests: pd.DataFrame, steps: pd.DataFrame, layers: pd.DataFrame,
     summary = pd.DataFrame(rows)
     if phases is not None and not phases.empty:
         summary = summary.merge(hardware(phases), on="strategy", how="left")
-    base = summary[summary["strategy"] == baseline]
-    if not base.empty:
-        summary["speedup_ttft"] = base["ttft_ms"].iloc[0] / summary["ttft_ms"]
-        summary["speedup_tpot"] = base["tpot_ms"].iloc[0] / summary["tpot_ms"]
+    # a baseline per strategy when strategies run at several cache rates: each against its own rate's
+    base = summary.set_index("strategy")
+    against = summary["strategy"].map(baseline if isinstance(baseline, dict) else lambda _: baseline)
+    if against.isin(base.index).any():
+        summary["speedup_ttft"] = against.map(base["ttft_ms"]) / summary["ttft_ms"]
+        summary["speedup_tpot"] = against.map(base["tpot_ms"]) / summary["tpot_ms"]
     return summary
 
 
