@@ -137,7 +137,7 @@ class StepRecorder:
 
         previous_end = self._step_start
         for layer, stamps in enumerate(self._layers):
-            stall = sum(span(a, b) for a, b in stamps.stalls) if self.detail else math.nan
+            stall = sum(span(a, b) for a, b in stamps.stalls)  # NaN when waits were not timed
             predicted = set(stamps.predicted or ()) & set(stamps.routed)
             self.rows.append(
                 {
