@@ -33,7 +33,7 @@ class StrategyRun:
     capacity: int
     requests: list[dict]
     steps: list[dict]
-    layers: list[dict]
+    layers: pd.DataFrame  # the recorder's rows: layers.csv
     tokens: list[torch.Tensor]  # per batch, [B, N] of the last repeat
     link: dict
     timeline: pd.DataFrame  # every timed event (promoe_bench/timeline.py); empty when not detailed
@@ -114,14 +114,14 @@ def run_strategy(loaded: LoadedModel, strategy, capacity: int, cfg: RunConfig, d
     samples = pd.DataFrame(meter.samples)
     samples.insert(0, "strategy", strategy.label)
     samples.insert(1, "t_s", samples.pop("t") - clock.host_origin_ns * 1e-9)
-    return StrategyRun(strategy.label, capacity, requests, steps, runtime.recorder.rows, tokens,
+    return StrategyRun(strategy.label, capacity, requests, steps, runtime.recorder.rows_frame(), tokens,
                        {**link.describe(), "achieved_gbps": link.counters.achieved_gbps},
                        timeline.frame(runtime.recorder.timeline), phases, samples, dict(meter.missing))
 
 
 def routing_trace(strategy_run: StrategyRun) -> RoutingTrace:
     """The routing of one repeat of a run (greedy decoding routes every repeat alike)."""
-    layers = pd.DataFrame(strategy_run.layers)
+    layers = strategy_run.layers
     return RoutingTrace.from_layer_rows(layers[layers["repeat"] == layers["repeat"].max()])
 
 
@@ -280,7 +280,7 @@ def write_tables(writer: RunWriter, runs: list[StrategyRun], baseline: str | dic
     label, or each label's own."""
     requests = pd.DataFrame([row for run in runs for row in run.requests])
     steps = pd.DataFrame([row for run in runs for row in run.steps])
-    layers = pd.DataFrame([row for run in runs for row in run.layers])
+    layers = pd.concat([run.layers for run in runs], ignore_index=True)
     phases = pd.DataFrame([row for run in runs for row in run.phases])
     samples = pd.concat([run.samples for run in runs], ignore_index=True)
     summary = summarize(requests, steps, layers, baseline, matches, phases)

@@ -1,7 +1,7 @@
 """Per-layer, per-step measurements of one generation, taken with a clock that does not stall the device.
 
 On CUDA a stamp is an event recorded on the current stream, resolved once at the end of the step; on
-the CPU it is perf_counter_ns. Two outputs, both plain dicts:
+the CPU it is perf_counter_ns. Two outputs:
 - `rows`, one per (step, layer): the rows of layers.csv;
 - `timeline`, one per event (columns `timeline.COLUMNS`): the rows of timeline.csv.gz.
 With `detail=False` only the step's own start and end are stamped (layer timings are blank and the
@@ -11,6 +11,7 @@ timeline empty): what the instrumentation-overhead benchmark compares against.
 import math
 import time
 
+import pandas as pd
 import torch
 
 from .timeline import event
@@ -70,6 +71,11 @@ class _LayerStamps:
         self.occupied_bytes = 0  # bytes of cache slots in use when the layer's experts were done
 
 
+ROW_COLUMNS = ("layer", "non_expert_s", "router_s", "expert_s", "stall_s", "routed", "hits", "misses", "copies",
+               "bytes", "evictions", "ready", "predicted", "predicted_correct", "predicted_ready", "predict_s",
+               "wasted_bytes")
+
+
 class StepRecorder:
     """Collects stamps during a forward; `finish_step` turns them into per-layer rows and timeline events."""
 
@@ -77,7 +83,7 @@ class StepRecorder:
         self.clock = clock
         self.num_layers = num_layers
         self.detail = detail
-        self.rows: list[dict] = []
+        self._rows: list[tuple] = []  # (context, *ROW_COLUMNS values), see `rows`
         self._timeline: list[tuple] = []  # (context, row) pairs; rows become dicts in `timeline` only
         self._layers: list[_LayerStamps] = []
         self._step_start = None
@@ -138,30 +144,17 @@ class StepRecorder:
         previous_end = self._step_start
         for layer, stamps in enumerate(self._layers):
             stall = sum(span(a, b) for a, b in stamps.stalls)  # NaN when waits were not timed
-            predicted = set(stamps.predicted or ()) & set(stamps.routed)
-            self.rows.append(
-                {
-                    **self._context,
-                    "layer": layer,
-                    "non_expert_s": span(previous_end, stamps.block_start),
-                    "router_s": span(stamps.block_start, stamps.router_end),
-                    "expert_s": span(stamps.router_end, stamps.experts_end) - stall,
-                    "stall_s": stall,
-                    "routed": " ".join(map(str, stamps.routed)),
-                    "hits": stamps.hits,
-                    "misses": len(stamps.routed) - stamps.hits,
-                    "copies": copies[layer],
-                    "bytes": nbytes[layer],
-                    "evictions": evictions[layer],
-                    "ready": len(stamps.routed) - len(stamps.late),
-                    # prediction: blank when nothing predicted this layer in this step
-                    "predicted": " ".join(map(str, stamps.predicted)) if stamps.predicted is not None else "",
-                    "predicted_correct": len(predicted) if stamps.predicted is not None else None,
-                    "predicted_ready": len(predicted - stamps.late) if stamps.predicted is not None else None,
-                    "predict_s": stamps.predict_s,
-                    "wasted_bytes": wasted[layer],
-                }
-            )
+            routed, predicted = stamps.routed, stamps.predicted
+            right = set(predicted) & set(routed) if predicted is not None else None
+            # a tuple per row (dicts only when asked for): a simulator makes millions of rows
+            self._rows.append((self._context, layer, span(previous_end, stamps.block_start),
+                               span(stamps.block_start, stamps.router_end),
+                               span(stamps.router_end, stamps.experts_end) - stall, stall, routed, stamps.hits,
+                               len(routed) - stamps.hits, copies[layer], nbytes[layer], evictions[layer],
+                               len(routed) - len(stamps.late), predicted,
+                               len(right) if right is not None else None,
+                               len(right - stamps.late) if right is not None else None, stamps.predict_s,
+                               wasted[layer]))
             if self.detail:
                 self._layer_events(layer, stamps, previous_end)
             previous_end = stamps.block_end
@@ -174,6 +167,21 @@ class StepRecorder:
                 self._timeline.append((self._context, chunk))
         self._event(step, None, "compute", "step", step_start, at(step_end))
         return at(step_end) - step_start
+
+    @property
+    def rows(self) -> list[dict]:
+        """One dict per (step, layer): the run context, then ROW_COLUMNS (the columns of layers.csv)."""
+        return self.rows_frame().to_dict("records")
+
+    def rows_frame(self) -> pd.DataFrame:
+        if not self._rows:
+            return pd.DataFrame()
+        contexts = pd.DataFrame([row[0] for row in self._rows])
+        values = pd.DataFrame([row[1:] for row in self._rows], columns=ROW_COLUMNS)
+        for column in ("routed", "predicted"):  # experts as space-separated ids; blank when nothing guessed
+            values[column] = [" ".join(map(str, experts)) if experts is not None else ""
+                              for experts in values[column]]
+        return pd.concat([contexts, values], axis=1)
 
     @property
     def timeline(self) -> list[dict]:

@@ -140,7 +140,7 @@ def simulate_strategy(log: RoutingLog, strategy, capacity: int, costs, chunk_byt
                                  "output_tokens": len(spent), "ttft_s": ttft, "tpot_s": tpot,
                                  "prefill_tok_s": prompt / ttft, "decode_tok_s": 1 / tpot})
     link = {"kind": "simulated", "costs": costs.describe(), "bytes": sim.link.bytes}
-    return StrategyRun(strategy.label, capacity, requests, steps, sim.recorder.rows, None, link,
+    return StrategyRun(strategy.label, capacity, requests, steps, sim.recorder.rows_frame(), None, link,
                        timeline.frame(sim.recorder.timeline), [], pd.DataFrame(),
                        {"hardware counters": "a simulation measures nothing"})
 

@@ -214,12 +214,10 @@ class Simulation:
             recorder.router_end(layer, routed, sum(1 for e in routed if (entry := lookup(layer, e)) is not None
                                                    and entry.chunks_ready == 3))
             self._positions[layer] += 1
-            self.link.advance(clock.now)
             self.cache.begin_forward(layer, routed)  # as the runtime: pending before any copy is requested
             order = strategy.on_router(self, layer, routed)
             assert sorted(order) == sorted(routed), f"{strategy.name} must run each routed expert once"
-            self.cache.begin_forward(layer, order)
-            self.link.advance(clock.now)
+            self.cache.begin_forward(layer, order)  # the order only: nothing movable changes
             late = set()
             for expert in order:
                 seconds = costs.expert_s(layer, expert, tokens[expert])
