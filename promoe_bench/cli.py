@@ -300,6 +300,43 @@ def profiles():
 
 
 @main.command()
+@click.argument("base", type=click.Path(path_type=Path))
+@click.argument("new", type=click.Path(path_type=Path))
+@click.option("--metric", "metrics", multiple=True,
+              help="[STRATEGY:]NAME=THRESHOLD, e.g. tpot_ms=5% or lru:copied_bytes=0 (repeatable).")
+@click.option("--only", type=click.Choice(["counter", "time"]), default=None,
+              help="Only counters (deterministic: CI on any machine) or only wall-clock times.")
+@click.option("--alpha", type=float, default=0.01, show_default=True,
+              help="Significance a wall-clock regression needs (one-sided Mann-Whitney U).")
+@click.option("--format", "form", type=click.Choice(["text", "markdown", "json"]), default="text", show_default=True)
+def compare(base, new, metrics, only, alpha, form):
+    """Compare two runs (or a run and a baseline file) strategy by strategy; exit 1 on a regression."""
+    from .compare import compare as compare_runs
+    from .compare import load_side, parse_thresholds, render
+
+    if not 0 < alpha < 1:
+        raise UsageError(f"--alpha must be in (0, 1), got {alpha}")
+    thresholds = parse_thresholds(list(metrics))
+    before, after = load_side(base), load_side(new)
+    table = compare_runs(before, after, thresholds, alpha, only)
+    if table.empty:
+        raise UsageError(f"{base} and {new} have no strategy in common to compare")
+    click.echo(render(table, form, before, after))
+    sys.exit(1 if (table["verdict"] == "regressed").any() else 0)
+
+
+@main.command()
+@click.argument("run_folder", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="The baseline file (JSON).")
+def baseline(run_folder, out):
+    """Reduce a run folder to a baseline file for `compare` (counters and samples per strategy)."""
+    from .compare import save_baseline
+
+    document = save_baseline(run_folder, out)
+    click.echo(f"wrote {out}: {len(document['strategies'])} strategies, {document['setup']['kind']} run")
+
+
+@main.command()
 def strategies():
     """List the registered offload strategies."""
     from .strategies import available

@@ -18,6 +18,7 @@ experts. K = 8 with two predictors x three distances of P = 8: 24 + 144 = 168 by
 """
 
 import functools
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -124,6 +125,13 @@ class RoutingLog:
     def tokens_per_expert(self, f: int, l: int) -> dict[int, int]:  # noqa: E741
         """Expert -> token rows routed to it, in routing order (top-k picks are distinct within a row)."""
         return dict(self.layer_routing[f][l])
+
+    def digest(self) -> str:
+        """A hash of the routing alone (not where the log came from): two logs of the same routing match."""
+        h = hashlib.sha256()
+        for array in (self.forward_batch, self.forward_step, self.counts, self.experts):
+            h.update(np.ascontiguousarray(array).tobytes())
+        return h.hexdigest()
 
     @functools.cached_property
     def layer_routing(self) -> list[list[dict[int, int]]]:

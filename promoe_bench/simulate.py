@@ -196,6 +196,7 @@ def simulate(cfg: SimConfig) -> tuple[pd.DataFrame, Path, list[str]]:
     # no wall-clock times in a simulated run: the same inputs give the same bytes
     meta = {"status": "running",
             "simulated": {"trace": str(cfg.trace), "source": log.meta.get("source"),
+                          "trace_sha256": log.digest(),
                           "synthetic": log.meta.get("synthetic"), "imported": log.meta.get("imported", {}).get("file"),
                           "gaps": log.gaps(), "layer_map": log.meta.get("layer_map")},
             "config": cfg.to_json(), "environment": provenance.capture(torch.device("cpu")), "model": model_info,
