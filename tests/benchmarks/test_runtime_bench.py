@@ -48,13 +48,15 @@ def mixtral_folder(tmp_path_factory):
 
 def decode_step(forward):
     """One decode step after a 16-token prefill: the prefill (setup) runs outside the timed call."""
+    prompt = PROMPT.to(forward.model.device)
+
     def setup():
         cache = DynamicCache(config=forward.config)
-        forward(PROMPT, cache)
+        forward(prompt, cache)
         return (cache,), {}
 
     def step(cache):
-        return forward(PROMPT[:, :1], cache)
+        return forward(prompt[:, :1], cache)
 
     return setup, step
 
@@ -71,7 +73,9 @@ class Forward:
             self.runtime.recorder.begin_step(step=0)
         logits = self.model(input_ids=input_ids, cache=cache).logits
         if self.runtime:
-            self.runtime.finish_step()
+            self.runtime.finish_step()  # ends with the device synchronised
+        elif logits.is_cuda:
+            torch.cuda.synchronize()  # a timed call ends when the device is done
         return logits
 
 
