@@ -59,6 +59,8 @@ def main():
               "for `promoe-bench simulate`.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs/latest"), show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace a run already in --out.")
+@click.option("--report", type=click.Path(path_type=Path), default=None,
+              help="Also write the HTML report of this run to this file (as `promoe-bench report` does).")
 def run(**options):
     """Run strategies on one model and workload; print a comparison and write a run folder."""
     from .bench import run as run_benchmark  # torch and transformers load only for commands that need them
@@ -66,6 +68,9 @@ def run(**options):
     from .statistics import variability_warnings
     from .summary import format_table
 
+    report = options.pop("report")
+    if report is not None and report.is_dir():  # refused before the run, not after it
+        raise UsageError(f"--report {report} is a folder; give a file name such as report.html")
     workload = _workload(**{k: options.pop(k) for k in ("workload", "workload_file", "prompt_len", "gen_len",
                                                         "batch_size", "num_requests", "seed")})
     cfg = RunConfig(workload=workload, **options)
@@ -81,6 +86,10 @@ def run(**options):
     for line in variability_warnings(load_run(out)[1]["statistics"]):
         click.echo(f"warning: {line}", err=True)
     click.echo(f"wrote {out}")
+    if report is not None:
+        from .report import write_report
+
+        click.echo(f"wrote {report} ({write_report([out], None, report) / 1e6:.1f} MB)")
 
 
 def _workload(workload, workload_file, prompt_len, gen_len, batch_size, num_requests, seed):
@@ -205,6 +214,18 @@ def trace(run_folder, strategy, repeat, steps, max_events, out):
     if note:
         click.echo(f"note: {note}", err=True)
     click.echo(f"wrote {out}: {len(document['traceEvents'])} events; open it in ui.perfetto.dev")
+
+
+@main.command()
+@click.argument("run_folders", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--baseline", default=None, help="Strategy the speedups are computed against [default: each run's own].")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="The report's HTML file.")
+def report(run_folders, baseline, out):
+    """One self-contained HTML report (plotly) of one or more run folders: sweeps and commits side by side."""
+    from .report import write_report
+
+    size = write_report(list(run_folders), baseline, out)
+    click.echo(f"wrote {out} ({size / 1e6:.1f} MB); it opens offline in any browser")
 
 
 @main.command()
