@@ -1,6 +1,6 @@
 """What each piece of a replayed forward costs the simulator, from one of two sources:
 
-- `ProfileCosts`: a hardware profile and a model profile (profiles.CostModel's roofline), to project a
+- `ProfileCosts`: a hardware profile and a model profile through `CostModel`'s roofline, to project a
   routing log onto a GPU and model the user does not have;
 - `MeasuredCosts`: the compute a real run measured, forward by forward and expert by expert, with its
   link's settings: replaying a run's own log with these checks the simulator against the run.
@@ -17,9 +17,68 @@ import numpy as np
 import pandas as pd
 
 from .errors import UsageError
-from .profiles import CostModel
+from .profiles import Hardware, ModelProfile, check_precision
 from .results import load_run, load_timeline
 from .routing_log import RoutingLog
+
+PREDICTOR_WIDTH = 1024  # ProMoE's predictor: hidden -> 1024 -> experts
+# Rough count of eager transformers' kernels per decoder layer outside the routed experts: 2 norms, q/k/v/o
+# projections, rotary, attention, 2 residual adds, router matmul and top-k; an estimate, not a measurement.
+KERNELS_PER_LAYER = 12
+ROUTER_KERNELS = 2  # the router's matmul, then softmax + top-k
+
+
+class CostModel:
+    """Seconds for the pieces of an offloaded MoE forward on `hardware`, for `model` with experts in `precision`.
+
+    Every cost is launches x launch_us + max(FLOPs / peak, bytes / device bandwidth): decode, a few tokens against
+    a whole weight matrix, is bandwidth-bound; a long prefill is compute-bound. Constants are computed once here,
+    so each call is a few float operations (a simulator calls these millions of times).
+    """
+
+    def __init__(self, hardware: Hardware, model: ModelProfile, precision: str = "fp16"):
+        check_precision(precision)
+        self.hardware, self.model, self.precision = hardware, model, precision
+        self.expert_bytes = model.expert_bytes(precision)
+        self._h2d = hardware.h2d_gbps * 1e9  # B/s
+        self._copy_latency = hardware.copy_latency_us * 1e-6
+        self._peak = hardware.fp16_tflops * 1e12  # FLOP/s
+        self._hbm = hardware.hbm_gbps * 1e9  # B/s
+        self._launch = hardware.launch_us * 1e-6
+        layers = model.moe_layers
+        # one MoE layer's share of the non-expert forward; +3 kernels: embedding, final norm, LM head
+        self._layer_kernel_s = self._launch * (KERNELS_PER_LAYER * model.layers + 3) / layers
+        self._layer_weight_bytes = 2.0 * model.matmul_params / layers
+        self._router_params = model.hidden * model.experts
+        self._expert_fixed_s = 3 * self._launch  # gate, up and down matmuls (activation fused or negligible)
+
+    def copy_s(self, nbytes: float) -> float:
+        """One host-to-device copy of `nbytes` (an expert: `self.expert_bytes`; a chunk: a third of it)."""
+        return self._copy_latency + nbytes / self._h2d
+
+    def expert_s(self, tokens: int) -> float:
+        """One routed expert on `tokens` tokens, its weights read once from device memory."""
+        return self._expert_fixed_s + max(self.model.expert_flops(tokens) / self._peak, self.expert_bytes / self._hbm)
+
+    def non_expert_s(self, tokens: int, context: int, sequences: int = 1) -> float:
+        """One MoE layer's share (1 / moe_layers) of the forward's non-expert work for `tokens` new tokens, each
+        attending to `context` tokens on average (decode: the cache length; a prefill of T: about T / 2), across
+        `sequences` sequences: the non-expert weights and each sequence's KV cache are read once. Includes the
+        router (`router_s` gives its part alone; do not add it again)."""
+        flops = tokens * self.model.flops_per_token(context) / self.model.moe_layers
+        nbytes = self._layer_weight_bytes + sequences * self.model.kv_bytes(context) / self.model.moe_layers
+        return self._layer_kernel_s + max(flops / self._peak, nbytes / self._hbm)
+
+    def router_s(self, tokens: int) -> float:
+        """One MoE layer's router (gate matmul, softmax and top-k) on `tokens` tokens."""
+        flops = 2.0 * self._router_params * tokens
+        return ROUTER_KERNELS * self._launch + max(flops / self._peak, 2.0 * self._router_params / self._hbm)
+
+    def predictor_s(self, tokens: int, width: int = PREDICTOR_WIDTH) -> float:
+        """ProMoE's predictor for one target layer on `tokens` tokens: hidden -> width -> experts, fp16 weights,
+        three kernels (two matmuls and the ReLU)."""
+        params = (self.model.hidden + 1) * width + (width + 1) * self.model.experts
+        return 3 * self._launch + max(2.0 * params * tokens / self._peak, 2.0 * params / self._hbm)
 
 
 def forward_shapes(log: RoutingLog) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

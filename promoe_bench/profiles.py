@@ -28,11 +28,6 @@ from .errors import UsageError
 REPO_PROFILES = Path(__file__).resolve().parent.parent / "profiles"
 PRECISIONS = ("fp16", "int8", "int4")
 INT4_GROUP = 128  # int4 weights share one fp16 scale per group of 128 input channels (GPTQ/AWQ's usual group)
-PREDICTOR_WIDTH = 1024  # ProMoE's predictor: hidden -> 1024 -> experts
-# Rough count of eager transformers' kernels per decoder layer outside the routed experts: 2 norms, q/k/v/o
-# projections, rotary, attention, 2 residual adds, router matmul and top-k; an estimate, not a measurement.
-KERNELS_PER_LAYER = 12
-ROUTER_KERNELS = 2  # the router's matmul, then softmax + top-k
 # The supported families (config.json's model_type; "deepseek" is deepseek-moe-16b's remote-code model) and the
 # config field counting their routed experts.
 _EXPERTS_FIELD = {"mixtral": "num_local_experts", "qwen2_moe": "num_experts", "qwen3_moe": "num_experts",
@@ -49,7 +44,7 @@ def shipped_dir() -> Path:
     return installed if installed.is_dir() else REPO_PROFILES
 
 
-def _check_precision(precision: str) -> None:
+def check_precision(precision: str) -> None:
     if precision not in PRECISIONS:
         raise UsageError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
 
@@ -185,7 +180,7 @@ class ModelProfile:
         """One routed expert's bytes. fp16: 2 B/param. int8: 1 B/param plus an fp16 scale per output channel
         (2 x intermediate + hidden). int4: 0.5 B/param plus an fp16 scale per group of INT4_GROUP input channels
         of each row, symmetric (no zero points). Biases stay 16-bit."""
-        _check_precision(precision)
+        check_precision(precision)
         h, i = self.hidden, self.expert_intermediate
         weights, biases = self.expert_params - self.expert_biases, 2 * self.expert_biases
         if precision == "fp16":
@@ -197,7 +192,7 @@ class ModelProfile:
 
     def non_expert_bytes(self, precision: str = "fp16") -> int:
         """Non-expert bytes: 2 B/param whatever the experts' precision (checked, so one precision goes everywhere)."""
-        _check_precision(precision)
+        check_precision(precision)
         return 2 * self.non_expert_params
 
     def attended(self, context: int) -> int:
@@ -344,58 +339,3 @@ def _load_config_file(path: Path, name: str) -> ModelProfile:
     if not isinstance(config, dict):
         raise UsageError(f"{path}: expected a JSON object (a config.json), got {type(config).__name__}")
     return model_profile_from_config(config, name, where=str(path))
-
-
-# ---------------------------------------------------------------------------------------------- cost model
-
-class CostModel:
-    """Seconds for the pieces of an offloaded MoE forward on `hardware`, for `model` with experts in `precision`.
-
-    Every cost is launches x launch_us + max(FLOPs / peak, bytes / device bandwidth): decode, a few tokens against
-    a whole weight matrix, is bandwidth-bound; a long prefill is compute-bound. Constants are computed once here,
-    so each call is a few float operations (a simulator calls these millions of times).
-    """
-
-    def __init__(self, hardware: Hardware, model: ModelProfile, precision: str = "fp16"):
-        _check_precision(precision)
-        self.hardware, self.model, self.precision = hardware, model, precision
-        self.expert_bytes = model.expert_bytes(precision)
-        self._h2d = hardware.h2d_gbps * 1e9  # B/s
-        self._copy_latency = hardware.copy_latency_us * 1e-6
-        self._peak = hardware.fp16_tflops * 1e12  # FLOP/s
-        self._hbm = hardware.hbm_gbps * 1e9  # B/s
-        self._launch = hardware.launch_us * 1e-6
-        layers = model.moe_layers
-        # one MoE layer's share of the non-expert forward; +3 kernels: embedding, final norm, LM head
-        self._layer_kernel_s = self._launch * (KERNELS_PER_LAYER * model.layers + 3) / layers
-        self._layer_weight_bytes = 2.0 * model.matmul_params / layers
-        self._router_params = model.hidden * model.experts
-        self._expert_fixed_s = 3 * self._launch  # gate, up and down matmuls (activation fused or negligible)
-
-    def copy_s(self, nbytes: float) -> float:
-        """One host-to-device copy of `nbytes` (an expert: `self.expert_bytes`; a chunk: a third of it)."""
-        return self._copy_latency + nbytes / self._h2d
-
-    def expert_s(self, tokens: int) -> float:
-        """One routed expert on `tokens` tokens, its weights read once from device memory."""
-        return self._expert_fixed_s + max(self.model.expert_flops(tokens) / self._peak, self.expert_bytes / self._hbm)
-
-    def non_expert_s(self, tokens: int, context: int, sequences: int = 1) -> float:
-        """One MoE layer's share (1 / moe_layers) of the forward's non-expert work for `tokens` new tokens, each
-        attending to `context` tokens on average (decode: the cache length; a prefill of T: about T / 2), across
-        `sequences` sequences: the non-expert weights and each sequence's KV cache are read once. Includes the
-        router (`router_s` gives its part alone; do not add it again)."""
-        flops = tokens * self.model.flops_per_token(context) / self.model.moe_layers
-        nbytes = self._layer_weight_bytes + sequences * self.model.kv_bytes(context) / self.model.moe_layers
-        return self._layer_kernel_s + max(flops / self._peak, nbytes / self._hbm)
-
-    def router_s(self, tokens: int) -> float:
-        """One MoE layer's router (gate matmul, softmax and top-k) on `tokens` tokens."""
-        flops = 2.0 * self._router_params * tokens
-        return ROUTER_KERNELS * self._launch + max(flops / self._peak, 2.0 * self._router_params / self._hbm)
-
-    def predictor_s(self, tokens: int, width: int = PREDICTOR_WIDTH) -> float:
-        """ProMoE's predictor for one target layer on `tokens` tokens: hidden -> width -> experts, fp16 weights,
-        three kernels (two matmuls and the ReLU)."""
-        params = (self.model.hidden + 1) * width + (width + 1) * self.model.experts
-        return 3 * self._launch + max(2.0 * params * tokens / self._peak, 2.0 * params / self._hbm)

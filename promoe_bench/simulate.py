@@ -18,9 +18,9 @@ import torch
 from . import provenance, timeline
 from .bench import StrategyRun, write_tables
 from .config import cache_capacity
-from .costs import MeasuredCosts, ProfileCosts
+from .costs import CostModel, MeasuredCosts, ProfileCosts
 from .errors import UsageError
-from .profiles import CostModel, load_hardware, load_model_profile
+from .profiles import load_hardware, load_model_profile
 from .results import RunWriter, load_run
 from .routing_log import RoutingLog, RoutingLogBuilder
 from .simulator import Simulation

@@ -9,10 +9,9 @@ from pathlib import Path
 import pytest
 
 from promoe_bench.config import DEFAULT_LINK_GBPS, DEFAULT_LINK_LATENCY_US
+from promoe_bench.costs import KERNELS_PER_LAYER, CostModel
 from promoe_bench.errors import UsageError
 from promoe_bench.profiles import (
-    KERNELS_PER_LAYER,
-    CostModel,
     Hardware,
     load_hardware,
     load_model_profile,

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from promoe_bench.costs import ProfileCosts
-from promoe_bench.profiles import CostModel, load_hardware, load_model_profile
+from promoe_bench.costs import CostModel, ProfileCosts
+from promoe_bench.profiles import load_hardware, load_model_profile
 from promoe_bench.routing_import import import_jsonl
 from promoe_bench.routing_synthetic import synthetic_log
 from promoe_bench.simulator import Simulation
