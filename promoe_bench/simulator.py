@@ -11,9 +11,7 @@ Everything is deterministic: no threads, no wall clock, the noisy predictor seed
 position; the same inputs give the same outputs, byte for byte.
 """
 
-from dataclasses import dataclass
-
-from .cache import ExpertCache
+from .cache import NUM_CHUNKS, ExpertCache
 from .copy_scheduler import CopyScheduler, Priority
 from .environment import ModelShape
 from .links import Transfer
@@ -44,12 +42,24 @@ class SimClock:
         pass
 
 
-@dataclass
-class _Chunk:
-    task: object
-    nbytes: int
-    start: float
-    end: float
+class _Copy:
+    """What is on the link: a chunk, or an unchunked task's remaining chunks back to back (the copy worker
+    moves those without picking in between, so they are one event here, landing chunk by chunk)."""
+
+    __slots__ = ("task", "pieces", "next")
+
+    def __init__(self, task, pieces: list[tuple[int, float, float]]):
+        self.task, self.pieces, self.next = task, pieces, 0  # pieces: (bytes, start, end)
+
+    @property
+    def end(self) -> float:
+        """When the next chunk lands."""
+        return self.pieces[self.next][2]
+
+    @property
+    def finish(self) -> float:
+        """When the last chunk lands: nothing else can land before it."""
+        return self.pieces[-1][2]
 
 
 class SimulatedLink:
@@ -59,26 +69,34 @@ class SimulatedLink:
 
     def __init__(self, scheduler: CopyScheduler, chunk_bytes: tuple[int, ...], copy_s, clock: SimClock):
         self.scheduler, self.chunk_bytes, self.copy_s, self.clock = scheduler, chunk_bytes, copy_s, clock
-        self.inflight: _Chunk | None = None
+        self.inflight: _Copy | None = None
         self.bytes = 0
 
     def _start(self, at: float) -> None:
         pick = self.scheduler.next_chunk()
-        if pick is not None:
-            task, chunk = pick
+        if pick is None:
+            return
+        task, first = pick
+        pieces = []
+        for chunk in range(first, first + 1 if task.chunked else NUM_CHUNKS):
             nbytes = self.chunk_bytes[chunk]
-            self.inflight = _Chunk(task, nbytes, at, at + self.copy_s(nbytes))
+            pieces.append((nbytes, at, at + self.copy_s(nbytes)))
+            at = pieces[-1][2]
+        self.inflight = _Copy(task, pieces)
 
     def advance(self, now: float) -> None:
         inflight = self.inflight
         if inflight is not None and inflight.end > now:
             return  # the common case, kept cheap: the link is busy past now
         while inflight is not None and inflight.end <= now:
-            self.inflight = None
-            self.bytes += inflight.nbytes
-            self.scheduler.landed(inflight.task, inflight.nbytes, Transfer(None, inflight.start, inflight.end))
-            self._start(inflight.end)
-            inflight = self.inflight
+            nbytes, start, end = inflight.pieces[inflight.next]
+            inflight.next += 1
+            self.bytes += nbytes
+            self.scheduler.landed(inflight.task, nbytes, Transfer(None, start, end))
+            if inflight.next == len(inflight.pieces):
+                self.inflight = None
+                self._start(end)
+                inflight = self.inflight
         if inflight is None and self.scheduler.busy:
             self._start(now)  # compute may have made something movable
 
@@ -92,7 +110,8 @@ class SimulatedLink:
             self.advance(self.clock.now)  # a refetch the need queued may start now
             if self.inflight is None:
                 raise RuntimeError(f"simulation stuck: expert {expert} of layer {layer} can never be copied")
-            self.clock.now = self.inflight.end
+            # a chunked copy lands chunk by chunk; an unchunked one shows compute nothing before its end
+            self.clock.now = self.inflight.end if self.inflight.task.chunked else self.inflight.finish
             self.advance(self.clock.now)
         return stalled
 
@@ -102,7 +121,7 @@ class SimulatedLink:
             self.advance(self.clock.now)
             if self.inflight is None:
                 break  # the rest cannot claim a slot
-            self.clock.now = self.inflight.end
+            self.clock.now = self.inflight.finish
         self.advance(self.clock.now)
 
 
