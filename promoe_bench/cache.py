@@ -16,7 +16,7 @@ from .policies import EvictionPolicy
 NUM_CHUNKS = 3  # gate, up, down
 
 
-@dataclass
+@dataclass(slots=True)
 class Entry:
     slot: int  # index into the device slot pool
     chunks_ready: int = 0
@@ -44,6 +44,10 @@ class ExpertCache:
 
     def lookup(self, layer: int, expert: int) -> Entry | None:
         return self._entries[layer].get(expert)
+
+    def entries(self, layer: int) -> dict[int, Entry]:
+        """The layer's entries by expert, to read (a simulator looks up many experts of one layer)."""
+        return self._entries[layer]
 
     def residents(self, layer: int) -> list[int]:
         return list(self._entries[layer])
@@ -84,13 +88,9 @@ class ExpertCache:
         return entry
 
     def _victim(self, layer: int, last_resort: bool) -> int | None:
-        movable = {
-            expert
-            for expert, entry in self._entries[layer].items()
-            if not entry.copying and (layer, expert) not in self.in_use
-        }
-        pending = set(self._pending[layer])
-        candidates = movable - pending
+        movable = {expert for expert, entry in self._entries[layer].items() if not entry.copying}
+        movable.difference_update([expert for used_layer, expert in self.in_use if used_layer == layer])
+        candidates = movable.difference(self._pending[layer])
         victim = self.policy.victim(layer, candidates) if candidates else None
         if victim is not None:
             return victim

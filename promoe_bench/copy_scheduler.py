@@ -22,7 +22,7 @@ class Priority(IntEnum):
     LOW = 1  # speculative: a prediction
 
 
-@dataclass
+@dataclass(slots=True)
 class CopyTask:
     layer: int
     expert: int

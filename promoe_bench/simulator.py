@@ -46,20 +46,12 @@ class _Copy:
     """What is on the link: a chunk, or an unchunked task's remaining chunks back to back (the copy worker
     moves those without picking in between, so they are one event here, landing chunk by chunk)."""
 
-    __slots__ = ("task", "pieces", "next")
+    __slots__ = ("task", "pieces", "next", "end", "finish")
 
     def __init__(self, task, pieces: list[tuple[int, float, float]]):
         self.task, self.pieces, self.next = task, pieces, 0  # pieces: (bytes, start, end)
-
-    @property
-    def end(self) -> float:
-        """When the next chunk lands."""
-        return self.pieces[self.next][2]
-
-    @property
-    def finish(self) -> float:
-        """When the last chunk lands: nothing else can land before it."""
-        return self.pieces[-1][2]
+        self.end = pieces[0][2]  # when the next chunk lands
+        self.finish = pieces[-1][2]  # when the last one lands: nothing else can land before it
 
 
 class SimulatedLink:
@@ -97,6 +89,8 @@ class SimulatedLink:
                 self.inflight = None
                 self._start(end)
                 inflight = self.inflight
+            else:
+                inflight.end = inflight.pieces[inflight.next][2]
         if inflight is None and self.scheduler.busy:
             self._start(now)  # compute may have made something movable
 
@@ -191,18 +185,19 @@ class Simulation:
 
     # -- a forward -------------------------------------------------------------------------------
 
-    def _quiet_hit(self, layer: int, expert: int, seconds: float) -> bool:
+    def _quiet_hit(self, entries: dict, layer: int, expert: int, seconds: float) -> bool:
         """The fast path of most accesses: a resident expert, and a link that stays quiet while it computes
         (idle with nothing queued, or busy with a chunk landing after): nothing can happen meanwhile, so
-        it computes and is done. Returns whether it was taken."""
-        entry = self.cache.lookup(layer, expert)
+        it computes and is done. `entries`: the layer's cache entries. Returns whether it was taken."""
+        entry = entries.get(expert)
         if entry is None or entry.chunks_ready < 3:
             return False
         inflight, start = self.link.inflight, self.clock.now
         if inflight.end <= start + seconds if inflight is not None else self.scheduler.busy:
             return False
         self.clock.now = start + seconds
-        self.recorder.expert(layer, expert, start, self.clock.now)
+        if self.recorder.detail:
+            self.recorder.expert(layer, expert, start, self.clock.now)
         self.cache.computed(layer, expert)
         return True
 
@@ -229,8 +224,8 @@ class Simulation:
             tokens = log.layer_routing[f][layer]
             routed = list(tokens)
             self.link.advance(clock.now)
-            lookup = self.cache.lookup
-            recorder.router_end(layer, routed, sum(1 for e in routed if (entry := lookup(layer, e)) is not None
+            entries = self.cache.entries(layer)
+            recorder.router_end(layer, routed, sum(1 for e in routed if (entry := entries.get(e)) is not None
                                                    and entry.chunks_ready == 3))
             self._positions[layer] += 1
             self.cache.begin_forward(layer, routed)  # as the runtime: pending before any copy is requested
@@ -240,7 +235,7 @@ class Simulation:
             late = set()
             for expert in order:
                 seconds = costs.expert_s(layer, expert, tokens[expert])
-                if self._quiet_hit(layer, expert, seconds):
+                if self._quiet_hit(entries, layer, expert, seconds):
                     continue
                 stalled = self._wait(layer, expert, 2)  # gate and up landed; down may still be copying
                 start = recorder.stamp()
