@@ -9,25 +9,43 @@ who may be a candidate:
   last gives way, so the outcome does not depend on thread timing.
 """
 
-from dataclasses import dataclass, field
-
 from .policies import EvictionPolicy
 
 NUM_CHUNKS = 3  # gate, up, down
 
 
-@dataclass(slots=True)
 class Entry:
-    slot: int  # index into the device slot pool
-    chunks_ready: int = 0
-    copying: bool = True  # a copy task owns the slot until every chunk has landed
-    events: list = field(default_factory=list)  # per chunk, what compute waits on (CUDA events; None on CPU)
-    prefetched: bool = False  # brought in by a speculative (LOW) copy
-    used: bool = False  # computed with since it arrived
+    """A slot's expert (a plain slotted class: the runtime and the simulator make one per copy)."""
+
+    __slots__ = ("slot", "chunks_ready", "copying", "events", "prefetched", "used")
+
+    def __init__(self, slot: int, prefetched: bool = False):
+        self.slot = slot  # index into the device slot pool
+        self.chunks_ready = 0
+        self.copying = True  # a copy task owns the slot until every chunk has landed
+        self.events: list = []  # per chunk, what compute waits on (CUDA events; None on CPU)
+        self.prefetched = prefetched  # brought in by a speculative (LOW) copy
+        self.used = False  # computed with since it arrived
 
     @property
     def ready(self) -> bool:
         return self.chunks_ready == NUM_CHUNKS
+
+
+class Candidates:
+    """The experts of a layer that may be evicted now: resident or arriving, not being copied, computed
+    with or awaited, and not pending in the current forward. Tested lazily: a policy that ranks by age
+    usually needs only the first it meets, and a layer holds many."""
+
+    def __init__(self, entries: dict[int, Entry], in_use: set[int], pending: set[int]):
+        self._entries, self._in_use, self._pending = entries, in_use, pending
+
+    def __contains__(self, expert: int) -> bool:
+        entry = self._entries.get(expert)
+        return entry is not None and not entry.copying and expert not in self._in_use and expert not in self._pending
+
+    def __iter__(self):
+        return (expert for expert in self._entries if expert in self)
 
 
 class ExpertCache:
@@ -38,6 +56,7 @@ class ExpertCache:
         self._entries: list[dict[int, Entry]] = [{} for _ in range(num_layers)]
         self._free = [list(range(layer * capacity, (layer + 1) * capacity))[::-1] for layer in range(num_layers)]
         self._pending: list[list[int]] = [[] for _ in range(num_layers)]  # execution order of the current forward
+        self._pending_sets: list[set[int]] = [set() for _ in range(num_layers)]  # the same, to test membership
         self.in_use: set[tuple[int, int]] = set()  # (layer, expert) computed with or awaited right now
         self.evictions = [0] * num_layers
         self.wasted_bytes = [0] * num_layers  # prefetched, then evicted or dropped before any use
@@ -58,10 +77,12 @@ class ExpertCache:
 
     def begin_forward(self, layer: int, order: list[int]) -> None:
         self._pending[layer] = list(order)
+        self._pending_sets[layer] = set(order)
 
     def computed(self, layer: int, expert: int) -> None:
         """`expert` finished its work in the current forward of `layer`."""
         self._pending[layer].remove(expert)
+        self._pending_sets[layer].discard(expert)
         self._entries[layer][expert].used = True
         self.policy.touch(layer, expert)
 
@@ -88,13 +109,13 @@ class ExpertCache:
         return entry
 
     def _victim(self, layer: int, last_resort: bool) -> int | None:
-        movable = {expert for expert, entry in self._entries[layer].items() if not entry.copying}
-        movable.difference_update([expert for used_layer, expert in self.in_use if used_layer == layer])
-        candidates = movable.difference(self._pending[layer])
-        victim = self.policy.victim(layer, candidates) if candidates else None
+        in_use = {expert for used_layer, expert in self.in_use if used_layer == layer}
+        candidates = Candidates(self._entries[layer], in_use, self._pending_sets[layer])
+        victim = self.policy.victim(layer, candidates)
         if victim is not None:
             return victim
         if last_resort:
+            movable = Candidates(self._entries[layer], in_use, set())
             for expert in reversed(self._pending[layer]):
                 if expert in movable:
                     return expert

@@ -146,12 +146,17 @@ class CopyScheduler:
         return task, len(task.entry.events)
 
     def _pick(self) -> CopyTask | None:
+        full = set()  # layers that gave no slot in this pick: whether one can depends on the layer alone
         for priority in (Priority.HIGH, Priority.LOW):
             for task in self._queues[priority]:
                 if task.entry is None:
-                    key = (task.layer, task.expert)
-                    task.entry = self.cache.claim(task.layer, task.expert, last_resort=self.awaited == key,
+                    last_resort = self.awaited == (task.layer, task.expert)
+                    if task.layer in full and not last_resort:
+                        continue
+                    task.entry = self.cache.claim(task.layer, task.expert, last_resort,
                                                   prefetch=task.priority is Priority.LOW)
+                    if task.entry is None:
+                        full.add(task.layer)
                 if task.entry is not None:
                     return task
         return None

@@ -5,8 +5,7 @@ which experts may be candidates at all (never one being copied or computed with)
 """
 
 from abc import ABC, abstractmethod
-from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 
 class EvictionPolicy(ABC):
@@ -19,28 +18,35 @@ class EvictionPolicy(ABC):
         """`expert` left the cache."""
 
     @abstractmethod
-    def victim(self, layer: int, candidates: set[int]) -> int | None:
-        """The candidate to evict (`candidates` is never empty), or None: none of them may go."""
+    def victim(self, layer: int, candidates: Iterable[int]) -> int | None:
+        """The candidate to evict, or None: none may go (or there are none). `candidates` answers `in` and
+        iterates (a set, or the cache's lazy view: test membership rather than list them all)."""
 
 
 class LRU(EvictionPolicy):
     """Least recently used, per layer."""
 
     def __init__(self, num_layers: int):
-        self._order = [OrderedDict() for _ in range(num_layers)]  # oldest first
+        self._order: list[dict[int, None]] = [{} for _ in range(num_layers)]  # insertion order: oldest first
 
     def touch(self, layer, expert):
-        self._order[layer][expert] = None
-        self._order[layer].move_to_end(expert)
+        order = self._order[layer]
+        order.pop(expert, None)
+        order[expert] = None  # now the newest
 
     def forget(self, layer, expert):
         self._order[layer].pop(expert, None)
 
     def victim(self, layer, candidates):
         for expert in self._order[layer]:
-            if expert in candidates:
+            if expert in candidates and not self.keeps(layer, expert):
                 return expert
-        return min(candidates)  # never used since it arrived: any order is as good; keep it deterministic
+        # never used since it arrived: any order is as good; keep it deterministic
+        return min((e for e in candidates if not self.keeps(layer, e)), default=None)
+
+    def keeps(self, layer: int, expert: int) -> bool:
+        """Never evicted, whatever its age."""
+        return False
 
 
 class Static(LRU):
@@ -50,9 +56,8 @@ class Static(LRU):
         super().__init__(len(pinned))
         self.pinned = pinned
 
-    def victim(self, layer, candidates):
-        spare = candidates - self.pinned[layer]
-        return super().victim(layer, spare) if spare else None
+    def keeps(self, layer, expert):
+        return expert in self.pinned[layer]
 
 
 class Belady(EvictionPolicy):
@@ -72,4 +77,4 @@ class Belady(EvictionPolicy):
 
     def victim(self, layer, candidates):
         here = self.position(layer)
-        return max(sorted(candidates), key=lambda e: self.trace.next_use(layer, e, here))
+        return max(sorted(candidates), key=lambda e: self.trace.next_use(layer, e, here), default=None)

@@ -144,7 +144,9 @@ class Simulation:
     # -- Environment -----------------------------------------------------------------------------
 
     def is_resident(self, layer: int, expert: int) -> bool:
-        return self.chunks_ready(layer, expert) == 3
+        self.link.advance(self.clock.now)
+        entry = self.cache.lookup(layer, expert)
+        return entry is not None and entry.chunks_ready == 3
 
     def chunks_ready(self, layer: int, expert: int) -> int:
         self.link.advance(self.clock.now)
@@ -185,22 +187,6 @@ class Simulation:
 
     # -- a forward -------------------------------------------------------------------------------
 
-    def _quiet_hit(self, entries: dict, layer: int, expert: int, seconds: float) -> bool:
-        """The fast path of most accesses: a resident expert, and a link that stays quiet while it computes
-        (idle with nothing queued, or busy with a chunk landing after): nothing can happen meanwhile, so
-        it computes and is done. `entries`: the layer's cache entries. Returns whether it was taken."""
-        entry = entries.get(expert)
-        if entry is None or entry.chunks_ready < 3:
-            return False
-        inflight, start = self.link.inflight, self.clock.now
-        if inflight.end <= start + seconds if inflight is not None else self.scheduler.busy:
-            return False
-        self.clock.now = start + seconds
-        if self.recorder.detail:
-            self.recorder.expert(layer, expert, start, self.clock.now)
-        self.cache.computed(layer, expert)
-        return True
-
     def _wait(self, layer: int, expert: int, chunks: int) -> bool:
         start = self.clock.now
         stalled = self.link.wait(layer, expert, chunks)
@@ -225,17 +211,31 @@ class Simulation:
             routed = list(tokens)
             self.link.advance(clock.now)
             entries = self.cache.entries(layer)
-            recorder.router_end(layer, routed, sum(1 for e in routed if (entry := entries.get(e)) is not None
-                                                   and entry.chunks_ready == 3))
+            hits = 0
+            for expert in routed:
+                entry = entries.get(expert)
+                hits += entry is not None and entry.chunks_ready == 3
+            recorder.router_end(layer, routed, hits)
             self._positions[layer] += 1
             self.cache.begin_forward(layer, routed)  # as the runtime: pending before any copy is requested
             order = strategy.on_router(self, layer, routed)
-            assert sorted(order) == sorted(routed), f"{strategy.name} must run each routed expert once"
-            self.cache.begin_forward(layer, order)  # the order only: nothing movable changes
+            if order is not routed:  # reordered: the order only, nothing movable changes
+                assert len(order) == len(routed) and set(order) == tokens.keys(), \
+                    f"{strategy.name} must run each routed expert once"
+                self.cache.begin_forward(layer, order)
             late = set()
             for expert in order:
                 seconds = costs.expert_s(layer, expert, tokens[expert])
-                if self._quiet_hit(entries, layer, expert, seconds):
+                # the fast path of most accesses: a resident expert, and a link that stays quiet while it
+                # computes (idle with nothing queued, or landing its chunk after): nothing can happen meanwhile
+                entry, inflight = entries.get(expert), self.link.inflight
+                if entry is not None and entry.chunks_ready == 3 and (
+                        inflight.end > clock.now + seconds if inflight is not None else not self.scheduler.busy):
+                    start = clock.now
+                    clock.now += seconds
+                    if recorder.detail:
+                        recorder.expert(layer, expert, start, clock.now)
+                    self.cache.computed(layer, expert)
                     continue
                 stalled = self._wait(layer, expert, 2)  # gate and up landed; down may still be copying
                 start = recorder.stamp()
