@@ -201,6 +201,12 @@ class MeasuredCosts:
                                                                     float(heads.get((repeat, batch, step), 0.0)))
         self._repeats = sorted({k[0] for k in self._forwards})
         self._log = log
+        measured = {(batch, step) for _, batch, step in self._forwards}
+        unmeasured = [(int(b), int(s)) for b, s in zip(log.forward_batch, log.forward_step, strict=True)
+                      if (int(b), int(s)) not in measured]
+        if unmeasured:
+            raise UsageError(f"{folder} measured no forward (batch, step) {unmeasured[0]} of {label} that the log "
+                             f"holds: replay a run's own log (`run --record-trace`) with --measured")
         self.dispatch_s, self.wake_s = _thread_overheads(timeline)
 
     def forward(self, repeat: int, f: int) -> MeasuredForward:

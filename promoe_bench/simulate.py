@@ -154,7 +154,13 @@ def simulate(cfg: SimConfig) -> tuple[pd.DataFrame, Path, list[str]]:
              for a, s in zip(asked, strategies, strict=True) if a is not s]
     if cfg.measured is not None:
         run_meta, _ = load_run(cfg.measured)
-        expert_bytes = run_meta["model"]["expert_bytes"]
+        model = run_meta["model"]
+        shape = (model.get("moe_layers"), model.get("experts_per_layer"), model.get("top_k"))
+        if shape != (log.num_layers, log.num_experts, log.top_k):
+            raise UsageError(f"{cfg.trace} routes {log.num_layers} layers of {log.num_experts} experts top-"
+                             f"{log.top_k}; {cfg.measured} ran {shape[0]} of {shape[1]} top-{shape[2]}: replay a "
+                             f"run's own log (`run --record-trace`) with --measured")
+        expert_bytes = model["expert_bytes"]
         measured_slots = {label: info["cache_slots_per_layer"] for label, info in run_meta["strategies"].items()}
 
         def costs_for(strategy):  # each strategy replays its own measurements, with its own cache
@@ -186,6 +192,7 @@ def simulate(cfg: SimConfig) -> tuple[pd.DataFrame, Path, list[str]]:
     capacities = [measured_slots.get(s.label) or s.capacity(log.num_experts, cache_capacity(
         log.num_experts, log.top_k, log.num_layers, expert_bytes, s.cache_rate or cfg.cache_rates[0], None))
         for s in runs]
+    costs = [costs_for(strategy) for strategy in runs]  # every input is checked before anything is written
     writer = RunWriter(cfg.out, cfg.overwrite)
     source = log.meta.get("source")
     notes.insert(0, f"simulated: {source} routing from {cfg.trace}" + (
@@ -203,8 +210,8 @@ def simulate(cfg: SimConfig) -> tuple[pd.DataFrame, Path, list[str]]:
             "strategies": {}}
     done: list[StrategyRun] = []
     try:
-        for strategy, capacity in zip(runs, capacities, strict=True):
-            done.append(simulate_strategy(log, strategy, capacity, costs_for(strategy), chunk_bytes, cfg))
+        for strategy, capacity, cost in zip(runs, capacities, costs, strict=True):
+            done.append(simulate_strategy(log, strategy, capacity, cost, chunk_bytes, cfg))
             writer.timeline(len(done) - 1, done[-1].timeline)
             done[-1].timeline = None
             meta["strategies"][strategy.label] = {"cache_slots_per_layer": capacity,

@@ -220,3 +220,11 @@ def test_import_and_synth_trace_commands_write_logs(tmp_path):
                     "--prompt-tokens", "5", "--out", tmp_path / "s.log")
     assert result.exit_code == 0 and "synthetic" in result.output
     assert pd.Series(RoutingLog.load(tmp_path / "s.log").counts.ravel()).tolist() == [5] * 3 + [1] * 12
+
+
+def test_measured_costs_of_another_run_are_refused_before_anything_is_written(recorded, synthetic, tmp_path):
+    run, _, _ = recorded
+    out = tmp_path / "s"
+    assert_usage_error(invoke("simulate", "--trace", synthetic, "--measured", run, "--strategy", "lru", "--out", out),
+                       "replay a run's own log")
+    assert not out.exists()
