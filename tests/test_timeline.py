@@ -105,7 +105,7 @@ def test_without_detail_only_steps_are_timed(loaded):
     _, detailed = run_generation(loaded, "lru", ids, 3)
     strategy = parse("lru")
     runtime = OffloadRuntime(loaded, strategy, strategy_capacity(strategy, loaded, 0.5, None),
-                             EmulatedLink(gbps=50, latency_us=0), torch.device("cpu"), detail=False)
+                             EmulatedLink(**SLOW_LINK), torch.device("cpu"), detail=False)
     try:
         generate(loaded.model, ids, 3, runtime)
     finally:
