@@ -61,7 +61,8 @@ class CopyEngine:
     def release(self, layer: int, expert: int) -> None:
         with self._cv:
             self.scheduler.release(layer, expert)
-            self._cv.notify_all()
+            if self.scheduler.busy:  # a queued copy may be waiting for this slot; else waking the worker costs a switch
+                self._cv.notify_all()
 
     def take_counters(self) -> tuple[list[int], list[int], list[int], list[int], list[dict]]:
         with self._cv:

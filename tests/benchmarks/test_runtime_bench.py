@@ -4,7 +4,9 @@
 - one decode step of the offload runtime under full_gpu against transformers' own forward on the same
   model (same group: the table's ratio column is the runtime's per-step overhead);
 - one decode step of the built-in model under promoe, all experts cached, with the timeline on and off
-  (same group: the ratio is the instrumentation's overhead).
+  (same group: the ratio is the instrumentation's overhead);
+- one layer's experts call through the runtime's ExpertsInterface implementation against transformers'
+  eager experts (same group: the ratio is the expert dispatch overhead).
 
 In the normal test run (--benchmark-disable) each body runs once, so they stay working.
 """
@@ -141,3 +143,40 @@ def test_decode_step_instrumentation_overhead(benchmark, builtin_promoe):
     kinds = {row["kind"] for row in runtime.recorder.timeline}
     assert kinds - {"chunk"} == {"step", "head", "non_expert", "moe", "router", "expert", "predict", "occupancy"}
     assert len([row for row in runtime.recorder.timeline if row["kind"] == "expert"]) > 0
+
+
+def expert_inputs(hidden_size: int, num_experts: int, tokens: int = 4, top_k: int = 2):
+    """hidden [T, H], top_k_index [T, K] (distinct per token) and weights, seeded."""
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(tokens, hidden_size, generator=generator)
+    index = torch.stack([torch.randperm(num_experts, generator=generator)[:top_k] for _ in range(tokens)])
+    return hidden, index, torch.rand(tokens, top_k, generator=generator).softmax(-1)
+
+
+@pytest.mark.benchmark(group="one layer's experts call: offload dispatch vs transformers' eager experts")
+def test_experts_call_transformers_eager(benchmark, mixtral_folder):
+    model = AutoModelForCausalLM.from_pretrained(mixtral_folder, dtype=torch.float32)
+    experts = model.model.layers[0].mlp.experts
+    args = expert_inputs(model.config.hidden_size, model.config.num_local_experts)
+    with torch.no_grad():
+        out = benchmark.pedantic(experts, args=args, rounds=200, warmup_rounds=10)
+    assert out.shape == args[0].shape
+
+
+@pytest.mark.benchmark(group="one layer's experts call: offload dispatch vs transformers' eager experts")
+def test_experts_call_offload_dispatch(benchmark, mixtral_folder):
+    """The same call through the ExpertsInterface implementation the runtime registers, every expert cached:
+    what routing an experts call through the offload runtime costs (lookups, waits, bookkeeping)."""
+    loaded = load_checkpoint(str(mixtral_folder), torch.device("cpu"))
+    runtime = OffloadRuntime(loaded, parse("full_gpu"), 16, EmulatedLink(50, 0), torch.device("cpu"))
+    experts = loaded.layers[0].experts
+    args = expert_inputs(loaded.config.hidden_size, loaded.config.num_local_experts)
+    reference = AutoModelForCausalLM.from_pretrained(mixtral_folder, dtype=torch.float32).model.layers[0].mlp.experts
+    runtime.begin_step(step=0, batch=0)
+    try:
+        with torch.no_grad():
+            out = benchmark.pedantic(experts, args=args, rounds=200, warmup_rounds=10)
+            expected = reference(*args)
+    finally:
+        runtime.close()
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
