@@ -26,6 +26,7 @@ from scipy.stats import mannwhitneyu
 
 from .errors import UsageError
 from .results import load_run
+from .statistics import batch_samples
 
 BASELINE_FORMAT = 1
 PREFETCH_TOLERANCE = 0.05  # relative: counters of a real run's prefetching strategy move with timing
@@ -71,11 +72,6 @@ def _setup(meta: dict) -> dict:
             "link": {k: link.get(k) for k in ("kind", "gbps", "latency_us")}}
 
 
-def _batches(requests: pd.DataFrame) -> pd.DataFrame:
-    return requests.groupby(["repeat", "batch"], sort=False).agg(
-        ttft_s=("ttft_s", "first"), prompt_tokens=("prompt_tokens", "sum"), size=("request", "size"))
-
-
 def baseline_document(folder: Path) -> dict:
     """A run folder reduced to what `compare` reads: setup, counters and samples per strategy."""
     meta, tables = load_run(folder)
@@ -87,10 +83,10 @@ def baseline_document(folder: Path) -> dict:
         layers, requests, steps = (tables[name][(tables[name]["strategy"] == label) & ~tables[name]["warmup"]]
                                    for name in ("layers", "requests", "steps"))
         repeats = max(requests["repeat"].nunique(), 1)
-        batches = _batches(requests)
+        batches = batch_samples(requests)
         decode = steps[steps["phase"] == "decode"]
         samples = {"ttft_ms": (batches["ttft_s"] * 1e3).tolist(),
-                   "prefill_tok_s": (batches["prompt_tokens"] / batches["ttft_s"]).tolist(),
+                   "prefill_tok_s": batches["prefill_tok_s"].tolist(),
                    "tpot_ms": (decode["seconds"] * 1e3).tolist(),
                    "decode_tok_s": (decode["tokens"] / decode["seconds"]).tolist()}
         counters = {"copied_bytes": layers["bytes"].sum() / repeats, "hits": layers["hits"].sum() / repeats,

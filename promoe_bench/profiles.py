@@ -19,11 +19,11 @@ Conventions (units: bytes, FLOPs, seconds; GB = 1e9 B, TFLOP = 1e12 FLOP):
 import dataclasses
 import json
 import math
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UsageError
+from .toml_fields import read_fields
 
 REPO_PROFILES = Path(__file__).resolve().parent.parent / "profiles"
 PRECISIONS = ("fp16", "int8", "int4")
@@ -111,21 +111,7 @@ def _shipped_or_path(name_or_path: str, folder: str, suffix: str, what: str, oth
 
 
 def _load_hardware_file(path: Path) -> Hardware:
-    try:
-        with open(path, "rb") as f:
-            raw = tomllib.load(f)
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise UsageError(f"{path}: invalid TOML: {e}") from None
-    except OSError as e:
-        raise UsageError(f"{path}: cannot read: {e.strerror}") from None
-    fields = [f.name for f in dataclasses.fields(Hardware)]
-    required = [f.name for f in dataclasses.fields(Hardware) if f.default is dataclasses.MISSING]
-    for key in raw:
-        if key not in fields:
-            raise UsageError(f"{path}: unknown field {key!r}; valid fields: {', '.join(fields)}")
-    for key in required:
-        if key not in raw:
-            raise UsageError(f"{path}: missing required field {key!r} (required: {', '.join(required)})")
+    raw = read_fields(path, Hardware)
     detail = _hardware_problem(raw)
     if detail:
         raise UsageError(f"{path}: {detail}")

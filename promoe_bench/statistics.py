@@ -65,18 +65,24 @@ def statistics_table(requests: pd.DataFrame) -> pd.DataFrame:
     A batch is one sample: its requests share one prefill and one decode, so counting each request would
     claim a certainty the run does not have. Its tokens/s are the batch's: prompt tokens over its TTFT,
     requests over its TPOT."""
-    measured = requests[~requests["warmup"]]
-    batches = measured.groupby(["strategy", "repeat", "batch"], sort=False).agg(
-        ttft_s=("ttft_s", "first"), tpot_s=("tpot_s", "first"), prompt_tokens=("prompt_tokens", "sum"),
-        size=("request", "size")).reset_index()
-    batches["prefill_tok_s"] = batches["prompt_tokens"] / batches["ttft_s"]
-    batches["decode_tok_s"] = batches["size"] / batches["tpot_s"]
+    batches = batch_samples(requests[~requests["warmup"]])
     rows = [
         {"strategy": strategy, "metric": metric, **describe(group[column] * scale)}
         for strategy, group in batches.groupby("strategy", sort=False)
         for metric, (column, scale) in METRICS.items()
     ]
     return pd.DataFrame(rows, columns=list(COLUMNS))
+
+
+def batch_samples(requests: pd.DataFrame) -> pd.DataFrame:
+    """One row per (strategy, repeat, batch): its TTFT and TPOT (its requests share them), prompt tokens,
+    requests, and the batch's prefill and decode tokens/s."""
+    batches = requests.groupby(["strategy", "repeat", "batch"], sort=False).agg(
+        ttft_s=("ttft_s", "first"), tpot_s=("tpot_s", "first"), prompt_tokens=("prompt_tokens", "sum"),
+        size=("request", "size")).reset_index()
+    batches["prefill_tok_s"] = batches["prompt_tokens"] / batches["ttft_s"]
+    batches["decode_tok_s"] = batches["size"] / batches["tpot_s"]
+    return batches
 
 
 def variability_warnings(table: pd.DataFrame, threshold: float = 0.10) -> list[str]:

@@ -8,12 +8,12 @@ the prompt-length limits, how many requests, how many tokens to generate, the ba
 import dataclasses
 import json
 import random
-import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UsageError
+from .toml_fields import read_fields
 
 SOURCES = ("prompts", "sharegpt", "alpaca", "synthetic")
 OVERFLOWS = ("truncate", "skip")  # a prompt over max_prompt_tokens: keep its first max tokens, or drop it
@@ -130,21 +130,7 @@ def load_workload(name_or_path: str) -> Workload:
 
 
 def _load_file(path: Path, shipped: bool) -> Workload:
-    try:
-        with open(path, "rb") as f:
-            raw = tomllib.load(f)
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise UsageError(f"{path}: invalid TOML: {e}") from None
-    except OSError as e:
-        raise UsageError(f"{path}: cannot read: {e.strerror}") from None
-    fields = [f.name for f in dataclasses.fields(Workload)]
-    for key in raw:
-        if key not in fields:
-            raise UsageError(f"{path}: unknown field {key!r}; valid fields: {', '.join(fields)}")
-    required = [f.name for f in dataclasses.fields(Workload) if f.default is dataclasses.MISSING]
-    for key in required:
-        if key not in raw:
-            raise UsageError(f"{path}: missing required field {key!r} (required: {', '.join(required)})")
+    raw = read_fields(path, Workload)
     given = raw.get("path")
     if isinstance(given, str):
         raw["path"] = path.parent / given  # relative to the TOML file's folder

@@ -303,13 +303,20 @@ def test_drop_low_of_the_chunk_on_the_link_gives_its_slot_back(make_engine):
     assert t.cache.evictions == [0, 0]
 
 
-def test_drop_low_of_a_partly_copied_waiting_task_gives_its_slot_back(make_engine):
+def partly_copied_low(make_engine):
+    """One slot per layer; (0, 1) requested LOW with one chunk landed, then the worker held on the first
+    chunk of (1, 2), requested HIGH."""
     t = make_engine(ScriptedLink(held=True), capacity=1)
     t.engine.request(0, 1, LOW)
     assert t.link.next_held() == (0, 1, 0)
     t.engine.request(1, 2, HIGH)
     t.link.let_one_through()
     assert t.link.next_held() == (1, 2, 0)
+    return t
+
+
+def test_drop_low_of_a_partly_copied_waiting_task_gives_its_slot_back(make_engine):
+    t = partly_copied_low(make_engine)
     assert t.cache.lookup(0, 1).chunks_ready == 1  # partly copied, not on the link
     assert t.engine.drop_low(0) == 1
     assert t.cache.lookup(0, 1) is None
@@ -323,12 +330,7 @@ def test_drop_low_of_a_partly_copied_waiting_task_gives_its_slot_back(make_engin
 
 
 def test_landed_chunks_are_reported_once_with_their_bytes_and_whether_their_task_was_dropped(make_engine):
-    t = make_engine(ScriptedLink(held=True), capacity=1)
-    t.engine.request(0, 1, LOW)
-    assert t.link.next_held() == (0, 1, 0)
-    t.engine.request(1, 2, HIGH)
-    t.link.let_one_through()
-    assert t.link.next_held() == (1, 2, 0)
+    t = partly_copied_low(make_engine)
     t.engine.drop_low(0)  # (0, 1) had one chunk landed: it was copied, then dropped
     t.link.open()
     idle(t)

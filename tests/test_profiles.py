@@ -10,7 +10,6 @@ import pytest
 
 from promoe_bench.config import DEFAULT_LINK_GBPS, DEFAULT_LINK_LATENCY_US
 from promoe_bench.costs import KERNELS_PER_LAYER, CostModel
-from promoe_bench.errors import UsageError
 from promoe_bench.profiles import (
     Hardware,
     load_hardware,
@@ -21,22 +20,14 @@ from promoe_bench.profiles import (
     shipped_model_profiles,
 )
 
+from .test_workloads import assert_one_line_error
+
 HARDWARE = shipped_hardware()
 MODELS = shipped_model_profiles()
 MIXTRAL_EXPERT_PARAMS = 3 * 4096 * 14336  # 176,160,768
 # int4: half a byte per weight, plus one fp16 scale per 128 input channels of each row:
 # gate and up are [14336, 4096] (32 groups a row), down is [4096, 14336] (112 groups a row)
 MIXTRAL_INT4_BYTES = MIXTRAL_EXPERT_PARAMS // 2 + 2 * (2 * 14336 * 32 + 4096 * 112)
-
-
-def assert_one_line_error(call, *fragments) -> str:
-    with pytest.raises(UsageError) as caught:
-        call()
-    message = str(caught.value)
-    assert "\n" not in message, message
-    for fragment in fragments:
-        assert fragment in message, (fragment, message)
-    return message
 
 
 # ---------------------------------------------------------------------------------------------- hardware
