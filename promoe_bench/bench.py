@@ -77,6 +77,20 @@ def make_link(cfg: RunConfig, device: torch.device):
     return EmulatedLink(cfg.link_gbps, cfg.link_latency_us)
 
 
+def batch_rows(context: dict, prompts: dict, step_seconds: list[float], prefill_tokens: int):
+    """The requests and steps rows of one batch's generation (`prompts`: request -> its prompt tokens; the
+    batch's requests share its TTFT and TPOT)."""
+    ttft, decode = step_seconds[0], step_seconds[1:]
+    tpot = sum(decode) / len(decode) if decode else float("nan")
+    requests = [{**context, "request": request, "prompt_tokens": tokens, "output_tokens": len(step_seconds),
+                 "ttft_s": ttft, "tpot_s": tpot, "prefill_tok_s": tokens / ttft, "decode_tok_s": 1 / tpot}
+                for request, tokens in prompts.items()]
+    steps = [{**context, "phase": "prefill" if step == 0 else "decode", "step": step,
+              "tokens": prefill_tokens if step == 0 else len(prompts), "seconds": seconds}
+             for step, seconds in enumerate(step_seconds)]
+    return requests, steps
+
+
 def run_strategy(loaded: LoadedModel, strategy, capacity: int, cfg: RunConfig, device, batches: list[Batch],
                  progress, predictors: dict | None = None, trace: RoutingTrace | None = None,
                  detail: bool = True, routing_log: RoutingLogBuilder | None = None) -> StrategyRun:
@@ -96,16 +110,10 @@ def run_strategy(loaded: LoadedModel, strategy, capacity: int, cfg: RunConfig, d
                                   attention_mask=batch.attention_mask, meter=meter, **context)
                 tokens.append(result.tokens)
                 phases += [{**context, **row} for row in result.phases]
-                ttft, decode = result.step_seconds[0], result.step_seconds[1:]
-                tpot = sum(decode) / len(decode) if decode else float("nan")
-                for request, prompt in zip(batch.requests, batch.prompts, strict=True):
-                    requests.append({**context, "request": request, "prompt_tokens": len(prompt),
-                                     "output_tokens": gen_len, "ttft_s": ttft, "tpot_s": tpot,
-                                     "prefill_tok_s": len(prompt) / ttft, "decode_tok_s": 1 / tpot})
-                prompt_tokens = sum(len(p) for p in batch.prompts)
-                for step, seconds in enumerate(result.step_seconds):
-                    phase, produced = ("prefill", prompt_tokens) if step == 0 else ("decode", len(batch.prompts))
-                    steps.append({**context, "phase": phase, "step": step, "tokens": produced, "seconds": seconds})
+                prompts = {request: len(prompt) for request, prompt in zip(batch.requests, batch.prompts, strict=True)}
+                own_requests, own_steps = batch_rows(context, prompts, result.step_seconds, sum(prompts.values()))
+                requests += own_requests
+                steps += own_steps
                 progress.update(1)
     finally:
         meter.close()

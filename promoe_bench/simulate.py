@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 
 from . import provenance, timeline
-from .bench import StrategyRun, write_tables
+from .bench import StrategyRun, batch_rows, write_tables
 from .config import cache_capacity
 from .costs import CostModel, MeasuredCosts, ProfileCosts
 from .errors import UsageError
@@ -126,19 +126,14 @@ def simulate_strategy(log: RoutingLog, strategy, capacity: int, costs, chunk_byt
             context = {"strategy": strategy.label, "repeat": repeat, "warmup": repeat < cfg.warmup, "batch": batch}
             spent = sim.forward(f, **context, phase="prefill" if step == 0 else "decode", step=step)
             seconds.setdefault(batch, []).append(spent)
-            rows = int(log.counts[f].max())
-            steps.append({**context, "phase": "prefill" if step == 0 else "decode", "step": step,
-                          "tokens": rows if step == 0 else len(requests_of[batch]), "seconds": spent})
         for batch, spent in seconds.items():
-            ttft, decode = spent[0], spent[1:]
-            tpot = sum(decode) / len(decode) if decode else float("nan")
             members = requests_of[batch]
-            for request in members:
-                prompt = prompt_tokens.get(str(request), log.counts[log.forward_batch == batch][0].max() / len(members))
-                requests.append({"strategy": strategy.label, "repeat": repeat, "warmup": repeat < cfg.warmup,
-                                 "batch": batch, "request": request, "prompt_tokens": prompt,
-                                 "output_tokens": len(spent), "ttft_s": ttft, "tpot_s": tpot,
-                                 "prefill_tok_s": prompt / ttft, "decode_tok_s": 1 / tpot})
+            rows = int(log.counts[log.forward_batch == batch][0].max())  # the prefill's token rows
+            prompts = {request: prompt_tokens.get(str(request), rows / len(members)) for request in members}
+            context = {"strategy": strategy.label, "repeat": repeat, "warmup": repeat < cfg.warmup, "batch": batch}
+            own_requests, own_steps = batch_rows(context, prompts, spent, rows)
+            requests += own_requests
+            steps += own_steps
     link = {"kind": "simulated", "costs": costs.describe(), "bytes": sim.link.bytes}
     return StrategyRun(strategy.label, capacity, requests, steps, sim.recorder.rows_frame(), None, link,
                        timeline.frame(sim.recorder.timeline), [], pd.DataFrame(),
