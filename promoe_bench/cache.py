@@ -54,6 +54,7 @@ class ExpertCache:
         self.chunk_bytes = chunk_bytes
         self.policy = policy
         self._entries: list[dict[int, Entry]] = [{} for _ in range(num_layers)]
+        self._occupied = 0  # entries over all layers, kept as they come and go (read after every layer)
         self._free = [list(range(layer * capacity, (layer + 1) * capacity))[::-1] for layer in range(num_layers)]
         self._pending: list[list[int]] = [[] for _ in range(num_layers)]  # execution order of the current forward
         self._pending_sets: list[set[int]] = [set() for _ in range(num_layers)]  # the same, to test membership
@@ -73,7 +74,7 @@ class ExpertCache:
 
     def occupied_slots(self) -> int:
         """Slots holding an expert or receiving one, over all layers."""
-        return sum(map(len, self._entries))
+        return self._occupied
 
     def begin_forward(self, layer: int, order: list[int]) -> None:
         self._pending[layer] = list(order)
@@ -97,11 +98,13 @@ class ExpertCache:
             self.evictions[layer] += 1
         entry = Entry(self._free[layer].pop(), prefetched=prefetch)
         self._entries[layer][expert] = entry
+        self._occupied += 1
         self.policy.touch(layer, expert)  # arriving is a use: never-used newcomers are not the oldest
         return entry
 
     def remove(self, layer: int, expert: int) -> Entry:
         entry = self._entries[layer].pop(expert)
+        self._occupied -= 1
         self._free[layer].append(entry.slot)
         if entry.prefetched and not entry.used:
             self.wasted_bytes[layer] += sum(self.chunk_bytes[: entry.chunks_ready])

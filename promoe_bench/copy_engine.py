@@ -16,9 +16,10 @@ __all__ = ["CopyEngine", "Priority"]
 
 
 class CopyEngine:
-    def __init__(self, store: ExpertStore, pool: SlotPool, cache: ExpertCache, link):
+    def __init__(self, store: ExpertStore, pool: SlotPool, cache: ExpertCache, link, record_chunks: bool = True):
+        """`record_chunks`: keep a timeline row per landed chunk."""
         self.store, self.pool, self.cache, self.link = store, pool, cache, link
-        self.scheduler = CopyScheduler(cache, store.num_layers)
+        self.scheduler = CopyScheduler(cache, store.num_layers, record_chunks=record_chunks)
         self.counters = self.scheduler.counters
         self._cv = threading.Condition()
         self._closed = False

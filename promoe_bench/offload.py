@@ -57,8 +57,7 @@ class OffloadRuntime:
         chunk_bytes = tuple(store.layout.chunk_numel(c) * store.layout.dtype.itemsize for c in range(3))
         self.cache = ExpertCache(store.num_layers, capacity, strategy.eviction_policy(self), chunk_bytes)
         self.pool = SlotPool(store.num_layers * capacity, store.layout, device)
-        self.engine = CopyEngine(store, self.pool, self.cache, link)
-        self.engine.scheduler.record_chunks = detail
+        self.engine = CopyEngine(store, self.pool, self.cache, link, record_chunks=detail)
         self.link = link
         self.recorder = StepRecorder(Clock(device), store.num_layers, detail)
         self.routing_log = routing_log

@@ -248,8 +248,7 @@ class Simulation:
                 self.scheduler.release(layer, expert)
                 self.link.advance(clock.now)  # the freed slot may let a waiting copy start now
             strategy.after_layer(self, layer, order)
-            occupied = self.cache.occupied_slots() * self.shape.expert_bytes if recorder.detail else 0
-            recorder.experts_end(layer, late, occupied)
+            recorder.experts_end(layer, late, self.cache.occupied_slots() * self.shape.expert_bytes)
             recorder.block_end(layer)
         clock.now += costs.head_s()
         self.link.advance(clock.now)
