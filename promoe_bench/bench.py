@@ -154,13 +154,18 @@ def routing_log_builder(cfg: RunConfig, loaded: LoadedModel, batches: list[Batch
     return RoutingLogBuilder(store.num_layers, store.num_experts, loaded.top_k, meta)
 
 
+def predictors_folder(cfg: RunConfig, loaded: LoadedModel) -> Path:
+    """--predictors, or the model's own folder of them (the built-in model ships its own)."""
+    return cfg.predictors or Path(loaded.path) / "promoe_predictors"
+
+
 def learned_predictors(cfg: RunConfig, loaded: LoadedModel, strategies) -> LearnedPredictors | None:
     """The learned predictors, when a strategy predicts with them; every (source, target) pair the
     strategies will ask for must have been trained."""
     users = [s for s in strategies if "learned" in s.predictors]
     if not users:
         return None
-    folder = cfg.predictors or Path(loaded.path) / "promoe_predictors"  # the built-in model ships its own
+    folder = predictors_folder(cfg, loaded)
     if not folder.exists():
         raise UsageError(
             f"{users[0].label} predicts with learned predictors and {cfg.model} has none (looked in {folder}): "
@@ -182,7 +187,7 @@ def learned_predictors(cfg: RunConfig, loaded: LoadedModel, strategies) -> Learn
 
 def own_predictors(cfg: RunConfig, loaded: LoadedModel) -> dict:
     """The model's learned predictors when it has some that fit it (for a routing log), else none."""
-    folder = cfg.predictors or Path(loaded.path) / "promoe_predictors"
+    folder = predictors_folder(cfg, loaded)
     try:
         predictors = load_predictors(folder, model_fingerprint(loaded.config, loaded.layers))
     except UsageError:
