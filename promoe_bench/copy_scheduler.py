@@ -22,6 +22,9 @@ class Priority(IntEnum):
     LOW = 1  # speculative: a prediction
 
 
+HIGH, LOW = Priority.HIGH, Priority.LOW  # the members as plain names: a member read through its class is slow
+
+
 @dataclass(slots=True)
 class CopyTask:
     layer: int
@@ -53,7 +56,7 @@ class CopyScheduler:
         self.record_chunks = record_chunks
         self.counters = CopyCounters([0] * num_layers, [0] * num_layers)
         self._landed: list[dict] = []  # timeline rows of chunks landed since the owner last took them
-        self._queues = {Priority.HIGH: deque(), Priority.LOW: deque()}
+        self._queues = (deque(), deque())  # by priority, HIGH first
         self._tasks: dict[tuple[int, int], CopyTask] = {}
         self.awaited: tuple[int, int] | None = None  # what compute is blocked on
         self.active: CopyTask | None = None  # the task whose chunk is on the link now
@@ -71,7 +74,7 @@ class CopyScheduler:
         entry = self.cache.lookup(layer, expert)
         task = self._tasks.get((layer, expert))
         if task is None and entry is not None:
-            if priority is Priority.LOW:  # a prefetch of a cached expert counts as an access
+            if priority is LOW:  # a prefetch of a cached expert counts as an access
                 self.cache.policy.touch(layer, expert)
             return
         if task is None:
@@ -87,7 +90,7 @@ class CopyScheduler:
     def drop_low(self, layer: int) -> int:
         """Drop `layer`'s LOW tasks; a partly copied expert gives its slot back (an unchunked one on the
         link lands whole first, then goes). Returns how many."""
-        dropped = [t for t in self._queues[Priority.LOW] if t.layer == layer and not t.cancelled]
+        dropped = [t for t in self._queues[LOW] if t.layer == layer and not t.cancelled]
         for task in dropped:
             task.dropped = True
             if task is self.active:
@@ -121,9 +124,9 @@ class CopyScheduler:
         self.awaited = key
         if entry is None and key not in self._tasks:
             self.counters.refetches += 1
-            task = CopyTask(layer, expert, Priority.HIGH, True, queued_ns=self.now_ns())
+            task = CopyTask(layer, expert, HIGH, True, queued_ns=self.now_ns())
             self._tasks[key] = task
-            self._queues[Priority.HIGH].append(task)
+            self._queues[HIGH].append(task)
         return None
 
     def release(self, layer: int, expert: int) -> None:
@@ -147,14 +150,13 @@ class CopyScheduler:
 
     def _pick(self) -> CopyTask | None:
         full = set()  # layers that gave no slot in this pick: whether one can depends on the layer alone
-        for priority in (Priority.HIGH, Priority.LOW):
-            for task in self._queues[priority]:
+        for queue in self._queues:
+            for task in queue:
                 if task.entry is None:
                     last_resort = self.awaited == (task.layer, task.expert)
                     if task.layer in full and not last_resort:
                         continue
-                    task.entry = self.cache.claim(task.layer, task.expert, last_resort,
-                                                  prefetch=task.priority is Priority.LOW)
+                    task.entry = self.cache.claim(task.layer, task.expert, last_resort, task.priority is LOW)
                     if task.entry is None:
                         full.add(task.layer)
                 if task.entry is not None:
