@@ -87,15 +87,19 @@ class CopyEngine:
     def _run(self) -> None:
         try:
             while True:
+                waited = False
                 with self._cv:
                     while not self._closed and (pick := self.scheduler.next_chunk()) is None:
+                        waited = True
                         self._cv.wait()
                     if self._closed:
                         return
                 task, chunk = pick
                 src = self.store.chunk(task.layer, task.expert, chunk)
                 dst = self.pool.chunk(task.entry.slot, chunk)
-                transfer = self.link.copy(dst, src, self.pool.released_event(task.entry.slot))
+                # a chunk found at once was waiting since its request (or since the previous chunk landed)
+                transfer = self.link.copy(dst, src, self.pool.released_event(task.entry.slot),
+                                          ready_ns=None if waited else task.queued_ns)
                 with self._cv:
                     self.scheduler.landed(task, src.numel() * src.element_size(), transfer)
                     self._cv.notify_all()

@@ -207,7 +207,7 @@ class MeasuredCosts:
         if unmeasured:
             raise UsageError(f"{folder} measured no forward (batch, step) {unmeasured[0]} of {label} that the log "
                              f"holds: replay a run's own log (`run --record-trace`) with --measured")
-        self.dispatch_s, self.wake_s = _thread_overheads(timeline)
+        self.dispatch_s, self.wake_s = _thread_overheads(timeline, self._nominal_s)
 
     def forward(self, repeat: int, f: int) -> MeasuredForward:
         repeat = min(repeat, self._repeats[-1])  # more simulated repeats than measured: the last one again
@@ -218,23 +218,29 @@ class MeasuredCosts:
         return self._forwards[key]
 
     def copy_s(self, nbytes: int) -> float:
-        return self.dispatch_s + self._latency + nbytes / self._bytes_per_s
+        return self.dispatch_s + self._nominal_s(nbytes)
+
+    def _nominal_s(self, nbytes):
+        """What the link's settings alone make a copy of `nbytes` take (also for an array of sizes)."""
+        return self._latency + nbytes / self._bytes_per_s
 
     def describe(self) -> dict:
         return {"kind": "measured", "run": str(self.folder), "strategy": self.label,
                 "dispatch_us": round(self.dispatch_s * 1e6, 1), "wake_us": round(self.wake_s * 1e6, 1)}
 
 
-def _thread_overheads(timeline: pd.DataFrame) -> tuple[float, float]:
-    """The runtime's threads at work, measured: the copy worker's turnaround between a chunk landing and the
-    next one starting when that one was already queued (lock, pick, waking on a busy machine), and the time
-    from the last chunk landing to compute resuming after a stall. Means, as they add up over a run."""
+def _thread_overheads(timeline: pd.DataFrame, nominal_s) -> tuple[float, float]:
+    """The runtime's threads at work, measured: how much later than its nominal time (`nominal_s(bytes)`) a
+    chunk lands after the previous one when it was already queued (the copy worker's turnaround: lock,
+    pick, waking on a busy machine, as far as the link does not pay it back), and the time from the last
+    chunk landing to compute resuming after a stall. Means, as they add up over a run."""
     copies = timeline[timeline["kind"] == "chunk"].sort_values("start_s")
     if len(copies) < 2:
         return 0.0, 0.0
-    start, end, queued = (copies[c].to_numpy() for c in ("start_s", "end_s", "queued_s"))
+    end, queued, nbytes = (copies[c].to_numpy() for c in ("end_s", "queued_s", "bytes"))
     waiting = queued[1:] <= end[:-1]  # the next chunk was queued before this one landed: no idle time
-    dispatch = float((start[1:] - end[:-1])[waiting].mean()) if waiting.any() else 0.0
+    late = end[1:] - end[:-1] - nominal_s(nbytes[1:].astype(float))
+    dispatch = max(0.0, float(late[waiting].mean())) if waiting.any() else 0.0
     stalls = timeline[timeline["kind"] == "stall"]["end_s"].to_numpy()
     landed = np.sort(end)
     before = np.searchsorted(landed, stalls) - 1  # the last chunk landed before compute resumed

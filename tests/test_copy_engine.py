@@ -46,7 +46,7 @@ class ScriptedLink:
         self._arrived = threading.Semaphore(0)
         self._permits = threading.Semaphore(0)
 
-    def copy(self, dst, src, after=None):
+    def copy(self, dst, src, after=None, ready_ns=None):
         start = time.perf_counter_ns()
         self.log.append(identity(src))
         if self.held:
@@ -73,7 +73,7 @@ class ScriptedLink:
 
 
 class FailingLink:
-    def copy(self, dst, src, after=None):
+    def copy(self, dst, src, after=None, ready_ns=None):
         raise OSError("link went down")
 
 
