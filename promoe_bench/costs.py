@@ -231,16 +231,17 @@ class MeasuredCosts:
 
 def _thread_overheads(timeline: pd.DataFrame, nominal_s) -> tuple[float, float]:
     """The runtime's threads at work, measured: how much later than its nominal time (`nominal_s(bytes)`) a
-    chunk lands after the previous one when it was already queued (the copy worker's turnaround: lock,
-    pick, waking on a busy machine, as far as the link does not pay it back), and the time from the last
-    chunk landing to compute resuming after a stall. Means, as they add up over a run."""
+    chunk lands after the previous chunk of the same copy (the copy worker's turnaround: lock, pick, waking
+    on a busy machine, as far as the link does not pay it back; such a chunk never waits for a slot, which
+    the simulator models itself), and the time from the last chunk landing to compute resuming after a
+    stall. Means, as they add up over a run."""
     copies = timeline[timeline["kind"] == "chunk"].sort_values("start_s")
     if len(copies) < 2:
         return 0.0, 0.0
-    end, queued, nbytes = (copies[c].to_numpy() for c in ("end_s", "queued_s", "bytes"))
-    waiting = queued[1:] <= end[:-1]  # the next chunk was queued before this one landed: no idle time
+    end, nbytes, layer, expert = (copies[c].to_numpy() for c in ("end_s", "bytes", "layer", "expert"))
+    same_copy = (layer[1:] == layer[:-1]) & (expert[1:] == expert[:-1])
     late = end[1:] - end[:-1] - nominal_s(nbytes[1:].astype(float))
-    dispatch = max(0.0, float(late[waiting].mean())) if waiting.any() else 0.0
+    dispatch = max(0.0, float(late[same_copy].mean())) if same_copy.any() else 0.0
     stalls = timeline[timeline["kind"] == "stall"]["end_s"].to_numpy()
     landed = np.sort(end)
     before = np.searchsorted(landed, stalls) - 1  # the last chunk landed before compute resumed
