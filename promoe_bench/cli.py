@@ -83,8 +83,12 @@ def run(**options):
         click.echo(f"note: no speedups: the baseline {cfg.baseline} was not among the strategies run", err=True)
     if not summary["tokens_match"].all():
         click.echo("warning: some strategies produced different tokens than full_gpu (see summary.csv)", err=True)
-    for line in variability_warnings(load_run(out)[1]["statistics"]):
+    tables = load_run(out)[1]
+    warnings, note = variability_warnings(tables["statistics"], tables["requests"])
+    for line in warnings:
         click.echo(f"warning: {line}", err=True)
+    if note:
+        click.echo(f"note: {note}", err=True)
     click.echo(f"wrote {out}")
     if report is not None:
         from .report import write_report

@@ -179,7 +179,7 @@ def _warnings(run: data.Run, several: bool) -> list[str]:
         lines.append(f"the run is {meta.get('status')}: {meta.get('reason', 'no reason recorded')}; "
                      f"it holds only the strategies that finished")
     if "statistics" in tables:
-        lines += variability_warnings(tables["statistics"])
+        lines += variability_warnings(tables["statistics"], tables["requests"])[0]
     reasons: dict[str, set[str]] = {}
     for info in meta["strategies"].values():
         for metric, why in info.get("unmeasured", {}).items():

@@ -85,11 +85,32 @@ def batch_samples(requests: pd.DataFrame) -> pd.DataFrame:
     return batches
 
 
-def variability_warnings(table: pd.DataFrame, threshold: float = 0.10) -> list[str]:
-    """One line per row of a statistics table whose IQR exceeds `threshold` of its median (NaN never warns)."""
-    return [
-        f"{row.strategy} {row.metric}: IQR is {row.iqr_over_median:.0%} of the median over {row.n} samples; "
-        "the machine may be noisy (more --repeats, or a quieter machine)"
-        for row in table.itertuples(index=False)
-        if row.iqr_over_median > threshold
-    ]
+def variability_warnings(table: pd.DataFrame, requests: pd.DataFrame,
+                         threshold: float = 0.10) -> tuple[list[str], str | None]:
+    """Warnings on the rows of a statistics table whose IQR exceeds `threshold` of its median (NaN never warns),
+    with their likely cause, from the run's `requests`. Batches of different prompts differ by themselves, so
+    the machine is blamed only when one batch measured in several repeats varied (the median over batches of
+    its range over its median); rows whose batches repeated steadily are no warning, but one note."""
+    batches = batch_samples(requests[~requests["warmup"]])
+    lines, steady = [], []  # steady: (IQR over median, largest repeat spread) of rows spread by the workload
+    for row in table.itertuples(index=False):
+        if not row.iqr_over_median > threshold:
+            continue
+        line = f"{row.strategy} {row.metric}: IQR is {row.iqr_over_median:.0%} of the median over {row.n} samples; "
+        per_batch = batches[batches["strategy"] == row.strategy].groupby("batch")[METRICS[row.metric][0]]
+        if per_batch.ngroups == 1:  # every sample is the same batch again
+            lines.append(line + "the machine may be noisy (more --repeats, or a quieter machine)")
+        elif per_batch.size().min() < 2:
+            lines.append(line + f"its {per_batch.ngroups} batches differ, and with one repeat of each the "
+                                "machine's noise cannot be told apart (--repeats 2 or more)")
+        else:
+            spread = float(((per_batch.max() - per_batch.min()) / per_batch.median()).median())
+            if spread > threshold:
+                lines.append(line + f"one batch varied by {spread:.0%} between repeats: the machine may be noisy "
+                                    "(more --repeats, or a quieter machine)")
+            else:
+                steady.append((row.iqr_over_median, spread))
+    note = (f"{len(steady)} figures spread by up to {max(i for i, _ in steady):.0%} (IQR over median) because the "
+            f"workload's batches differ; each batch repeated within {max(s for _, s in steady):.0%}: the "
+            "workload's own spread, not noise") if steady else None
+    return lines, note

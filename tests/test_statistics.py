@@ -156,10 +156,17 @@ def statistics_rows(*rows):
                          for row in rows])
 
 
+def one_batch_repeated(*strategies):
+    """Requests of one batch measured twice per strategy: every sample is the same batch again."""
+    requests = requests_table([(strategy, False, 0.1, 0.01) for strategy in strategies for _ in range(2)])
+    requests["batch"], requests["repeat"] = 0, [i % 2 for i in range(len(requests))]
+    return requests
+
+
 def test_warnings_fire_above_ten_percent_only():
     table = statistics_rows(("lru", "tpot_ms", 12, 0.14), ("lru", "ttft_ms", 12, 0.09),
                             ("promoe", "ttft_ms", 6, 0.25), ("full_gpu", "tpot_ms", 0, float("nan")))
-    assert variability_warnings(table) == [
+    assert variability_warnings(table, one_batch_repeated("lru", "promoe", "full_gpu"))[0] == [
         "lru tpot_ms: IQR is 14% of the median over 12 samples; "
         "the machine may be noisy (more --repeats, or a quieter machine)",
         "promoe ttft_ms: IQR is 25% of the median over 6 samples; "
@@ -169,9 +176,34 @@ def test_warnings_fire_above_ten_percent_only():
 
 def test_warning_threshold_is_strict_and_adjustable():
     table = statistics_rows(("lru", "tpot_ms", 12, 0.10), ("lru", "ttft_ms", 12, 0.04))
-    assert variability_warnings(table) == []
-    assert [line.split(":")[0] for line in variability_warnings(table, threshold=0.03)] == ["lru tpot_ms",
-                                                                                           "lru ttft_ms"]
+    requests = one_batch_repeated("lru")
+    assert variability_warnings(table, requests) == ([], None)
+    assert [line.split(":")[0] for line in variability_warnings(table, requests, threshold=0.03)[0]] == [
+        "lru tpot_ms", "lru ttft_ms"]
+
+
+def two_batches_twice(ttfts):
+    """lru's batches 0 and 1, each measured in repeats 0 and 1: `ttfts` in that order (b0r0, b0r1, b1r0, b1r1)."""
+    requests = requests_table([("lru", False, ttft, 0.01) for ttft in ttfts])
+    requests["batch"], requests["repeat"] = [0, 0, 1, 1], [0, 1, 0, 1]
+    return requests
+
+
+def test_batches_that_differ_but_repeat_steadily_are_the_workloads_spread_not_noise():
+    # 100, 102, 198, 200 ms: p25 101.5, p75 198.5, IQR 97 = 65% of the median 150; the batches' ranges over
+    # their medians are 2/101 and 2/199, whose median is 1.5%
+    requests = two_batches_twice([0.100, 0.102, 0.200, 0.198])
+    assert variability_warnings(statistics_table(requests), requests) == ([], (
+        "2 figures spread by up to 65% (IQR over median) because the workload's batches differ; each batch "
+        "repeated within 1%: the workload's own spread, not noise"))  # ttft and prefill tok/s
+
+
+def test_a_batch_that_varies_between_repeats_blames_the_machine():
+    requests = two_batches_twice([0.100, 0.150, 0.200, 0.300])  # each batch 40% apart from itself
+    lines, note = variability_warnings(statistics_table(requests), requests)
+    assert note is None
+    assert lines[0].endswith("one batch varied by 40% between repeats: the machine may be noisy "
+                             "(more --repeats, or a quieter machine)")
 
 
 def test_warnings_from_a_noisy_run():
@@ -179,6 +211,7 @@ def test_warnings_from_a_noisy_run():
     # ttft 100, 100, 200, 200 ms: p25 100, p75 200 -> IQR 67% of the median 150 (prefill tok/s alike): noisy
     requests = requests_table([("lru", False, ttft, tpot) for ttft, tpot in
                                [(0.1, 0.010), (0.1, 0.010), (0.2, 0.010), (0.2, 0.012)]])
-    lines = variability_warnings(statistics_table(requests))
+    lines, _ = variability_warnings(statistics_table(requests), requests)
     assert [line.split(":")[0] for line in lines] == ["lru ttft_ms", "lru prefill_tok_s"]
-    assert lines[0].startswith("lru ttft_ms: IQR is 67% of the median over 4 samples;")
+    assert lines[0] == ("lru ttft_ms: IQR is 67% of the median over 4 samples; its 4 batches differ, and with one "
+                        "repeat of each the machine's noise cannot be told apart (--repeats 2 or more)")
