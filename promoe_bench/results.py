@@ -104,6 +104,6 @@ def load_timeline(folder: Path) -> pd.DataFrame:
 
 def _read_csv(path: Path) -> pd.DataFrame:
     try:
-        return pd.read_csv(path)
+        return pd.read_csv(path, low_memory=False)  # one type per column, not per chunk of rows read
     except (ValueError, OSError, EOFError) as error:  # pandas' parser errors are ValueErrors
         raise UsageError(f"{path} is not a readable table: {error}") from None
