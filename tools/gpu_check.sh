@@ -61,7 +61,7 @@ bench run --model "$out/olmoe-shape" --device "$device" --dtype "$dtype" --promp
   2>&1 | tee "$out/olmoe-shape-run.txt"
 
 if [ "${SMOKE:-0}" != 1 ]; then
-  python3 -m pytest tests/benchmarks --benchmark-enable -q -p no:cacheprovider -k "not simulator" \
+  timeout 240 python3 -m pytest tests/benchmarks --benchmark-enable -q -p no:cacheprovider -k "not simulator" \
     --benchmark-json "$out/benchmarks.json" 2>&1 | tail -40 | tee "$out/benchmarks.txt"
 fi
 
