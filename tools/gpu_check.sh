@@ -62,7 +62,8 @@ bench run --model "$out/olmoe-shape" --device "$device" --dtype "$dtype" --promp
 
 if [ "${SMOKE:-0}" != 1 ]; then
   timeout 240 python3 -m pytest tests/benchmarks --benchmark-enable -q -p no:cacheprovider -k "not simulator" \
-    --benchmark-json "$out/benchmarks.json" 2>&1 | tail -40 | tee "$out/benchmarks.txt"
+    --benchmark-json "$out/benchmarks.json" 2>&1 | tail -40 | tee "$out/benchmarks.txt" \
+    || echo "benchmarks stopped or failed: the table below still stands"
 fi
 
 python3 - "$out" <<'EOF'
