@@ -7,6 +7,7 @@ import json
 import pandas as pd
 import pytest
 
+from promoe_bench.costs import _thread_overheads
 from promoe_bench.results import load_run, load_timeline
 from promoe_bench.routing_log import RoutingLog
 from promoe_bench.routing_synthetic import synthetic_log
@@ -228,3 +229,22 @@ def test_measured_costs_of_another_run_are_refused_before_anything_is_written(re
     assert_usage_error(invoke("simulate", "--trace", synthetic, "--measured", run, "--strategy", "lru", "--out", out),
                        "replay a run's own log")
     assert not out.exists()
+
+
+def chunk_rows(*chunks):
+    """Timeline rows of landed chunks: (layer, expert, start_s, end_s), 1000 bytes each, queued at 0."""
+    return pd.DataFrame([{"kind": "chunk", "layer": layer, "expert": expert, "start_s": start, "end_s": end,
+                          "queued_s": 0.0, "bytes": 1000} for layer, expert, start, end in chunks])
+
+
+def test_the_measured_dispatch_is_how_late_a_copys_next_chunk_lands_beyond_its_nominal_time():
+    def nominal(nbytes):
+        return nbytes * 1e-6  # 1 ms per chunk of 1000 bytes
+
+    # expert 1's chunks land 1.2 and 1.1 ms apart: 0.2 and 0.1 ms late; then expert 2 starts 5 ms later (its
+    # slot was busy: the simulator models that wait itself) and its next chunk lands on time
+    timeline = chunk_rows((0, 1, 0.0, 0.001), (0, 1, 0.0011, 0.0022), (0, 1, 0.0023, 0.0033),
+                          (0, 2, 0.0083, 0.0093), (0, 2, 0.0093, 0.0103))
+    dispatch, wake = _thread_overheads(timeline, nominal)
+    assert dispatch == pytest.approx((0.2e-3 + 0.1e-3 + 0.0) / 3)
+    assert wake == 0.0  # no stall in this timeline
