@@ -3,8 +3,16 @@
 # about 5 minutes on an H200). Uses the machine's own python3 (torch, transformers, safetensors and
 # nvidia-ml-py are there; nothing is installed) and the checkout on PYTHONPATH.
 #
-#   tools/gpu_check.sh OUT          what needs the GPU, written under OUT, and a short table at the end
+#   tools/gpu_check.sh OUT          what needs the GPU, written under OUT, and a short table at the end;
+#                                   OUT/results.tgz holds the run folders without timelines or the checkpoint
 #   SMOKE=1 tools/gpu_check.sh OUT  the same plumbing on the CPU with tiny shapes, to try this script here
+#
+# A lent machine reaches no registry and its transformers may be older than ours (5.17 there, >= 5.24 here):
+# carry the wheel. Here, once:  echo /.whl/ >> .git/info/exclude; python3 -m pip download --no-deps \
+#   --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 -d .whl \
+#   transformers==5.24.0
+# then the device tool's run, carry [".whl"]:  tools/gpu_check.sh /tmp/check && cp /tmp/check/*.txt \
+#   /tmp/check/results.tgz "$OUT"/   (wheels in .whl/ are installed to /tmp/site first, nothing else)
 #
 # 1. doctor: the device, NVML's counters, pinned and pageable host-to-device GB/s;
 # 2. the built-in model, every strategy, `chat`: tokens against full_gpu, CUDA-event timings, NVML counters;
@@ -17,6 +25,10 @@ out=$(realpath -m "${1:?usage: tools/gpu_check.sh OUT}")
 cd "$(dirname "$0")/.."
 mkdir -p "$out"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:$PYTHONPATH
+fi
 bench() { python3 -m promoe_bench.cli "$@"; }
 
 if [ "${SMOKE:-0}" = 1 ]; then
@@ -27,7 +39,7 @@ if [ "${SMOKE:-0}" = 1 ]; then
 else
   device=cuda dtype=bfloat16 shape='{"num_hidden_layers": 4}' requests=4 prompt=256 gen=64 builtin_requests=4
   nvidia-smi --query-gpu=name,driver_version,memory.total,pcie.link.gen.max,pcie.link.width.max --format=csv \
-    | tee "$out/nvidia-smi.csv"
+    | tee "$out/nvidia-smi.txt"
 fi
 
 bench doctor | tee "$out/doctor.txt"
@@ -65,6 +77,8 @@ if [ "${SMOKE:-0}" != 1 ]; then
     --benchmark-json "$out/benchmarks.json" 2>&1 | tail -40 | tee "$out/benchmarks.txt" \
     || echo "benchmarks stopped or failed: the table below still stands"
 fi
+
+tar czf "$out/results.tgz" -C "$out" --exclude=timeline builtin-chat olmoe-shape-run
 
 python3 - "$out" <<'EOF'
 import sys
