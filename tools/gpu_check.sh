@@ -8,7 +8,7 @@
 #   SMOKE=1 tools/gpu_check.sh OUT  the same plumbing on the CPU with tiny shapes, to try this script here
 #
 # A lent machine reaches no registry and its transformers may be older than ours (5.17 there, >= 5.24 here):
-# carry the wheel. Here, once:  echo /.whl/ >> .git/info/exclude; python3 -m pip download --no-deps \
+# carry the wheel (.whl/ is git-ignored). Here: python3 -m pip download --no-deps \
 #   --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 -d .whl \
 #   transformers==5.24.0
 # then the device tool's run, carry [".whl"]:  tools/gpu_check.sh /tmp/check && cp /tmp/check/*.txt \
