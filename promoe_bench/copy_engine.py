@@ -66,6 +66,7 @@ class CopyEngine:
                 self._cv.notify_all()
 
     def take_counters(self) -> tuple[list[int], list[int], list[int], list[int], list[dict]]:
+        """The scheduler's counters since the last call."""
         with self._cv:
             return self.scheduler.take_counters()
 

@@ -56,6 +56,7 @@ class CopyScheduler:
         self.record_chunks = record_chunks
         self.counters = CopyCounters([0] * num_layers, [0] * num_layers)
         self._landed: list[dict] = []  # timeline rows of chunks landed since the owner last took them
+        self._taken = ([0] * num_layers,) * 4  # the cumulative counters when the owner last took them
         self._queues = (deque(), deque())  # by priority, HIGH first
         self._tasks: dict[tuple[int, int], CopyTask] = {}
         self.awaited: tuple[int, int] | None = None  # what compute is blocked on
@@ -193,9 +194,13 @@ class CopyScheduler:
             self.cache.remove(task.layer, task.expert)
 
     def take_counters(self) -> tuple[list[int], list[int], list[int], list[int], list[dict]]:
-        """Cumulative copies, bytes, evictions and wasted bytes per layer, and the timeline rows of the
-        chunks landed since the last call, taken together so that they always agree. A row's `task` is
-        its CopyTask, to read `dropped` from once the run is over (a task may be dropped later)."""
+        """Copies, bytes, evictions and wasted bytes per layer since the last call, and the timeline rows
+        of the chunks landed meanwhile, taken together so that they always agree. A row's `task` is its
+        CopyTask, to read `dropped` from once the run is over (a task may be dropped later)."""
         landed, self._landed = self._landed, []
-        return (list(self.counters.copies), list(self.counters.bytes), list(self.cache.evictions),
-                list(self.cache.wasted_bytes), landed)
+        now = (list(self.counters.copies), list(self.counters.bytes), list(self.cache.evictions),
+               list(self.cache.wasted_bytes))
+        since = [[b - a for a, b in zip(before, after, strict=True)]
+                 for before, after in zip(self._taken, now, strict=True)]
+        self._taken = now
+        return (*since, landed)

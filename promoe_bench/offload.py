@@ -69,7 +69,7 @@ class OffloadRuntime:
         loaded.model.set_experts_implementation(IMPLEMENTATION)
         strategy.setup(self)
         self.engine.idle()
-        self._counted = self.engine.take_counters()[:-1]  # copies made while setting up belong to no step
+        self.engine.take_counters()  # copies made while setting up belong to no step
 
     # -- Environment -----------------------------------------------------------------------------
 
@@ -163,8 +163,9 @@ class OffloadRuntime:
         # starts at once must not evict one of them to make room
         self.engine.begin_forward(layer, routed)
         order = self.strategy.on_router(self, layer, routed)
-        assert sorted(order) == sorted(routed), f"{self.strategy.name} must run each routed expert once"
-        self.engine.begin_forward(layer, order)
+        if order is not routed:  # reordered: the order only, nothing movable changes
+            assert sorted(order) == sorted(routed), f"{self.strategy.name} must run each routed expert once"
+            self.engine.begin_forward(layer, order)
         output = torch.zeros_like(hidden_states)
         late = set()  # experts compute had to wait for
         for expert in order:
@@ -215,11 +216,7 @@ class OffloadRuntime:
 
     def finish_step(self) -> float:
         """Close the step's records; copies are attributed to the step in which they landed."""
-        *now, landed = self.engine.take_counters()
-        deltas = [[b - a for a, b in zip(before, after, strict=True)]
-                  for before, after in zip(self._counted, now, strict=True)]
-        self._counted = now
-        return self.recorder.finish_step(*deltas, landed)
+        return self.recorder.finish_step(*self.engine.take_counters())
 
     def close(self) -> None:
         self.engine.close()

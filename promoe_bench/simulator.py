@@ -139,7 +139,7 @@ class Simulation:
         self._forward = 0
         strategy.setup(self)
         self.link.drain()
-        self._counted = self.scheduler.take_counters()[:-1]  # copies made while setting up belong to no step
+        self.scheduler.take_counters()  # copies made while setting up belong to no step
 
     # -- Environment -----------------------------------------------------------------------------
 
@@ -252,8 +252,4 @@ class Simulation:
             recorder.block_end(layer)
         clock.now += costs.head_s()
         self.link.advance(clock.now)
-        *now, landed = self.scheduler.take_counters()
-        deltas = [[b - a for a, b in zip(before, after, strict=True)]
-                  for before, after in zip(self._counted, now, strict=True)]
-        self._counted = now
-        return recorder.finish_step(*deltas, landed)
+        return recorder.finish_step(*self.scheduler.take_counters())
