@@ -20,7 +20,7 @@ from promoe_bench.profiles import (
     shipped_model_profiles,
 )
 
-from .test_workloads import assert_one_line_error
+from .test_workloads import DROP, assert_one_line_error, write_fields
 
 HARDWARE = shipped_hardware()
 MODELS = shipped_model_profiles()
@@ -65,14 +65,10 @@ def test_a_hardware_file_loads_by_path(tmp_path):
 
 BASE_HARDWARE = {"name": "t", "description": "a test device", "h2d_gbps": 10.0, "copy_latency_us": 5.0,
                  "memory_gb": 16.0, "hbm_gbps": 500.0, "fp16_tflops": 100.0, "launch_us": 4.0}
-DROP = object()
 
 
 def write_hardware(folder: Path, filename="hw.toml", **changes) -> Path:
-    fields = {k: v for k, v in {**BASE_HARDWARE, **changes}.items() if v is not DROP}
-    path = folder / filename
-    path.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in fields.items()))
-    return path
+    return write_fields(folder / filename, {**BASE_HARDWARE, **changes})
 
 
 @pytest.mark.parametrize("changes, fragments", [

@@ -44,12 +44,15 @@ BASE = {"name": "t", "description": "a test workload", "source": "prompts", "pat
 DROP = object()
 
 
-def write_toml(folder: Path, filename="w.toml", **changes) -> Path:
-    """A workload TOML: BASE with `changes` (a DROP value leaves the field out)."""
-    fields = {k: v for k, v in {**BASE, **changes}.items() if v is not DROP}
-    path = folder / filename
-    path.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in fields.items()))
+def write_fields(path: Path, fields: dict) -> Path:
+    """A flat TOML file of `fields` (a DROP value leaves the field out)."""
+    path.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in fields.items() if v is not DROP))
     return path
+
+
+def write_toml(folder: Path, filename="w.toml", **changes) -> Path:
+    """A workload TOML: BASE with `changes`."""
+    return write_fields(folder / filename, {**BASE, **changes})
 
 
 def write_jsonl(path: Path, records) -> Path:
