@@ -137,12 +137,15 @@ def load_predictors(folder: Path, fingerprint: str) -> LearnedPredictors:
 
 def rank(picks, probs, num_experts: int, min_prob: float = 0.0) -> list[int]:
     """Per-token guesses [T, K] and their probabilities (torch or numpy; a pick of -1 is no guess) -> the
-    experts guessed for the batch with at least `min_prob`, most votes first (ties: lower id)."""
+    experts guessed for the batch with at least `min_prob`, most votes first, then the most probable (for
+    one token, whose guesses all have one vote: the surest first, so the likeliest copy starts first)."""
     if isinstance(picks, torch.Tensor):
         picks, probs = picks.cpu().numpy(), probs.float().cpu().numpy()
-    chosen = picks[(probs >= min_prob) & (picks >= 0)]
-    votes = numpy.bincount(chosen.astype(numpy.int64), minlength=num_experts).tolist()
-    return sorted((e for e in range(num_experts) if votes[e]), key=lambda e: -votes[e])
+    keep = (probs >= min_prob) & (picks >= 0)
+    chosen = picks[keep].astype(numpy.int64)
+    votes = numpy.bincount(chosen, minlength=num_experts).tolist()
+    mass = numpy.bincount(chosen, weights=probs[keep], minlength=num_experts).tolist()
+    return sorted((e for e in range(num_experts) if votes[e]), key=lambda e: (-votes[e], -mass[e]))
 
 
 def trace_guess(trace, target: int, position: int, predictor: str, recall: float, shape) -> list[int]:
