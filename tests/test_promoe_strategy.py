@@ -411,6 +411,7 @@ def test_rank_breaks_equal_votes_by_probability():
 
     # one token (a decode step): every guess has one vote, so the surest goes first, not the lowest id
     assert rank(torch.tensor([[2, 7, 5]]), torch.tensor([[0.2, 0.5, 0.3]]), 8) == [7, 5, 2]
+    assert rank(torch.tensor([[2, -1, 5]]), torch.tensor([[0.2, 0.9, 0.3]]), 8, min_prob=0.25) == [5]  # no guess: -1
     # two tokens: votes first (2 twice), then summed probability (5: 0.5 over 7: 0.4)
     assert rank(torch.tensor([[2, 7], [2, 5]]), torch.tensor([[0.1, 0.4], [0.1, 0.5]]), 8) == [2, 5, 7]
 

@@ -159,6 +159,8 @@ def test_load_predictors_gives_each_pair_and_top_k_guesses_per_token(meta, mixtr
         assert all(len(set(row.tolist())) == TOP_K for row in picks)  # k distinct experts per token
         assert (probs > 0).all() and (probs.sum(-1) <= 1 + 1e-6).all()  # softmax probabilities, surest first
         assert (probs[:, :-1] >= probs[:, 1:]).all()
+        want = predictors.mlps[(source, d)](hidden[0]).softmax(-1).topk(TOP_K)  # the module trained
+        assert torch.equal(picks, want.indices) and torch.allclose(probs, want.values)
 
 
 def test_saved_predictors_load_back_unchanged(meta, mixtral_predictors, tmp_path):
