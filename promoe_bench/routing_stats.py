@@ -6,6 +6,11 @@ layer l's input (the "next layer's gate" guess of mixtral-offloading). From thes
 - usage entropy: entropy of the expert-assignment shares over log(E) (1 = perfectly even); dead experts;
 - top share: the most popular expert's share of assignments (1/E when even);
 - repeat share: of a decode token's experts, the share its previous token also used (same layer);
+- repeat by popularity: the repeat share decode tokens would show if each chose independently with
+  the layer's measured popularity (sum over experts of p_e^2 / k, p_e the share of decode tokens that
+  chose e), so that locality can be told apart from a few experts taking most tokens;
+- neighbour similarity: cosine similarity of a decode token's MoE input with its previous token's (how
+  alike neighbours look to the router);
 - gate recall: of layer l+1's experts, the share the next-layer-gate guess from layer l finds;
 - LRU hit rate: a per-layer LRU cache of half the layer's experts, fed token by token, on decode tokens.
 """
@@ -26,7 +31,8 @@ from .workloads import build_requests
 
 @torch.no_grad()
 def collect(model, layers: list[MoELayer], sequences: list[tuple[list[int], int]]):
-    """Per sequence: (chosen, guessed, n_prompt); chosen[l] [T, K], guessed[l] [T, K] for l < L-1.
+    """Per sequence: (chosen, guessed, n_prompt, similarity); chosen[l] [T, K], guessed[l] [T, K] for
+    l < L-1, similarity[l] [T-1] the cosine of token t's input of layer l with token t-1's.
 
     Teacher-forced over each whole sequence (see predictor_training.capture), so any model can be
     measured on the same tokens (a random model's own greedy output would be one token repeated,
@@ -34,7 +40,8 @@ def collect(model, layers: list[MoELayer], sequences: list[tuple[list[int], int]
     results = []
     for hidden, chosen, n_prompt in capture(model, layers, sequences):
         guessed = [router_of(layers[i + 1])(hidden[i])[-1] for i in range(len(layers) - 1)]
-        results.append((chosen, guessed, n_prompt))
+        similarity = [torch.nn.functional.cosine_similarity(h[1:], h[:-1], dim=-1) for h in hidden]
+        results.append((chosen, guessed, n_prompt, similarity))
     return results
 
 
@@ -61,10 +68,15 @@ def statistics(results, num_experts: int, top_k: int) -> pd.DataFrame:
     rows = []
     for layer in range(num_layers):
         counts = torch.zeros(num_experts)
-        repeat = repeat_n = recall = recall_n = hits = total = 0
-        for chosen, guessed, n_prompt in results:
+        decode_counts = torch.zeros(num_experts)
+        decode_tokens = repeat = repeat_n = recall = recall_n = hits = total = similar = 0
+        for chosen, guessed, n_prompt, similarity in results:
             picks = chosen[layer]  # [T, K]
+            similar += float(similarity[layer][max(n_prompt, 1) - 1:].sum())  # decode tokens vs previous
             counts += torch.bincount(picks.flatten(), minlength=num_experts).float()
+            decode = picks[max(n_prompt, 1):]
+            decode_counts += torch.bincount(decode.flatten(), minlength=num_experts).float()
+            decode_tokens += len(decode)
             sets = [set(row.tolist()) for row in picks]
             for t in range(max(n_prompt, 1), len(sets)):
                 repeat += len(sets[t] & sets[t - 1]) / top_k
@@ -84,6 +96,9 @@ def statistics(results, num_experts: int, top_k: int) -> pd.DataFrame:
             "dead_experts": int((counts == 0).sum()),
             "top_share": float(shares.max()),
             "repeat_share": repeat / repeat_n if repeat_n else float("nan"),
+            "repeat_by_popularity": (float((decode_counts / decode_tokens).square().sum()) / top_k
+                                     if decode_tokens else float("nan")),
+            "neighbour_similarity": similar / repeat_n if repeat_n else float("nan"),
             "gate_recall": recall / recall_n if recall_n else float("nan"),
             "lru_half_hit_rate": hits / total if total else float("nan"),
         })
