@@ -21,6 +21,3 @@ class Oracle(ProMoE):
 
     def eviction_policy(self, env):
         return Belady(env.trace, env.position)
-
-    def reorders(self, env, experts):
-        return self.reorder  # Belady keeps what is needed next, whichever expert ran first

@@ -9,9 +9,8 @@ from .prefetch import Prefetching
 class ProMoE(Prefetching):
     """ProMoE (arXiv 2410.22134): stride prefetch of predicted experts at LOW priority, chunked copies,
     early preemption of the layer's speculative copies once its router has chosen, and reordered
-    execution (resident experts first, then those with the most chunks landed, in a forward whose
-    experts fit the layer's slots). Each part can be switched off for ablations: promoe[chunked=0],
-    promoe[preempt=0], promoe[reorder=0]."""
+    execution (resident experts first, then those with the most chunks landed). Each part can be
+    switched off for ablations: promoe[chunked=0], promoe[preempt=0], promoe[reorder=0]."""
 
     name = "promoe"
     summary = "ProMoE: learned stride prefetch (d=2), chunked copies, early preemption, reordered execution"
@@ -19,15 +18,8 @@ class ProMoE(Prefetching):
     preempt: bool = True  # drop the layer's LOW copies when its router has chosen
     reorder: bool = True  # run (and copy) resident experts first, then the most-landed ones
 
-    def reorders(self, env, experts: list[int]) -> bool:
-        """Only a forward whose experts all fit the layer's slots. One that routes more (a prompt) evicts
-        the experts it ran first to make room, and LRU would then leave the slots to the experts that
-        were not cached: those the decode steps after it need least (measured on prefill-long: 14% more
-        decode time)."""
-        return self.reorder and len(experts) <= env.shape.capacity
-
     def on_router(self, env, layer, experts):
-        order = sorted(experts, key=lambda e: -env.chunks_ready(layer, e)) if self.reorders(env, experts) else experts
+        order = sorted(experts, key=lambda e: -env.chunks_ready(layer, e)) if self.reorder else experts
         for expert in order:  # the copy worker takes HIGH requests in this order
             if not env.is_resident(layer, expert):
                 env.request(layer, expert, Priority.HIGH, self.chunked)  # a chosen prefetch keeps its chunks
