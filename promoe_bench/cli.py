@@ -240,6 +240,9 @@ def report(run_folders, baseline, out):
 @click.option("--precision", default="fp16", show_default=True, help="Expert weights: fp16, int8 or int4.")
 @click.option("--measured", type=click.Path(path_type=Path), default=None,
               help="Instead of profiles: a CPU run folder whose measured costs replay its own recorded log.")
+@click.option("--compute-of", default=None,
+              help="With --measured: every strategy replays this strategy's measured compute (e.g. full_gpu, "
+                   "which no copy disturbed), keeping its own prediction cost: copying that takes no compute.")
 @click.option("--strategy", "strategies", default="all", show_default=True, help="As for `run`.")
 @click.option("--cache-rate", default="0.5", show_default=True, help="One or more, comma-separated: 0.25,0.5,0.75.")
 @click.option("--repeats", type=int, default=1, show_default=True)
@@ -249,8 +252,8 @@ def report(run_folders, baseline, out):
 @click.option("--no-timeline", is_flag=True, help="Keep no timeline (a long log replays faster).")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs/simulated"), show_default=True)
 @click.option("--overwrite", is_flag=True)
-def simulate(trace_path, hardware, model_profile, precision, measured, strategies, cache_rate, repeats, warmup,
-             baseline, layer_map, no_timeline, out, overwrite):
+def simulate(trace_path, hardware, model_profile, precision, measured, compute_of, strategies, cache_rate, repeats,
+             warmup, baseline, layer_map, no_timeline, out, overwrite):
     """Replay a routing log under strategies on modelled hardware; write a run folder marked simulated."""
     from .simulate import SimConfig
     from .simulate import simulate as run_simulation
@@ -260,8 +263,8 @@ def simulate(trace_path, hardware, model_profile, precision, measured, strategie
         rates = tuple(float(r) for r in cache_rate.split(","))
     except ValueError:
         raise UsageError(f"--cache-rate {cache_rate!r}: expected numbers separated by commas") from None
-    cfg = SimConfig(trace_path, hardware, model_profile, precision, measured, strategies, rates, repeats, warmup,
-                    baseline, layer_map, not no_timeline, out, overwrite)
+    cfg = SimConfig(trace_path, hardware, model_profile, precision, measured, compute_of, strategies, rates, repeats,
+                    warmup, baseline, layer_map, not no_timeline, out, overwrite)
     summary, folder, notes = run_simulation(cfg)
     for note in notes:
         click.echo(note)

@@ -9,6 +9,7 @@ Both give `forward(repeat, f)`, the costs of forward f of the log in that repeat
 `wake_s`: how long compute takes to resume after the copy it waited for lands.
 """
 
+import copy
 import functools
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,7 +174,7 @@ class MeasuredCosts:
         link = meta["strategies"][label]["link"]
         if link.get("kind") != "emulated":
             raise UsageError(f"{folder}: measured costs come from a CPU run's emulated link, this one is {link}")
-        self.folder, self.label = folder, label
+        self.folder, self.label, self.compute_of = folder, label, label
         self._latency, self._bytes_per_s = link["latency_us"] * 1e-6, link["gbps"] * 1e9
         layers = tables["layers"][tables["layers"]["strategy"] == label]
         timeline = load_timeline(folder)
@@ -226,7 +227,24 @@ class MeasuredCosts:
 
     def describe(self) -> dict:
         return {"kind": "measured", "run": str(self.folder), "strategy": self.label,
-                "dispatch_us": round(self.dispatch_s * 1e6, 1), "wake_us": round(self.wake_s * 1e6, 1)}
+                "compute_of": self.compute_of, "dispatch_us": round(self.dispatch_s * 1e6, 1),
+                "wake_us": round(self.wake_s * 1e6, 1)}
+
+    def with_compute_of(self, other: "MeasuredCosts") -> "MeasuredCosts":
+        """These costs with `other`'s compute (attention, router, experts, head) in place of this strategy's
+        own, keeping its own predictions and copy-worker overheads: e.g. full_gpu's, which no copy shared
+        the machine with, to see what each strategy's mechanism does when copying costs compute nothing,
+        as with a GPU's copy engine."""
+        if missing := sorted(set(self._forwards) - set(other._forwards)):
+            raise UsageError(f"{other.folder}: {other.label} measured no forward {missing[0]} (repeat, batch, step) "
+                             f"that {self.label} ran")
+        borrowed = copy.copy(self)
+        borrowed.compute_of = other.label
+        borrowed._forwards = {key: MeasuredForward({layer: (*other._forwards[key].layers[layer][:2], predict)
+                                                    for layer, (_, _, predict) in own.layers.items()},
+                                                   other._forwards[key].experts, other._forwards[key].head)
+                              for key, own in self._forwards.items()}
+        return borrowed
 
 
 def _thread_overheads(timeline: pd.DataFrame, nominal_s) -> tuple[float, float]:

@@ -36,6 +36,7 @@ class SimConfig:
     model_profile: str | None = None
     precision: str = "fp16"
     measured: Path | None = None  # a run folder whose measured compute and link replace the profiles
+    compute_of: str | None = None  # with measured: every strategy replays this strategy's measured compute
     strategies: str = "all"
     cache_rates: tuple[float, ...] = (0.5,)
     repeats: int = 1
@@ -51,6 +52,8 @@ class SimConfig:
             if self.measured is None:
                 raise UsageError("simulate needs --hardware and --model-profile, or --measured RUN")
             raise UsageError("--measured replaces --hardware and --model-profile: give one or the other")
+        if self.compute_of is not None and self.measured is None:
+            raise UsageError("--compute-of borrows a measured strategy's compute: it needs --measured RUN")
         if not self.cache_rates or any(not 0 < r <= 1 for r in self.cache_rates):
             raise UsageError(f"--cache-rate must be in (0, 1], got {list(self.cache_rates)}")
         if self.repeats < 1 or self.warmup < 0:
@@ -158,8 +161,11 @@ def simulate(cfg: SimConfig) -> tuple[pd.DataFrame, Path, list[str]]:
         expert_bytes = model["expert_bytes"]
         measured_slots = {label: info["cache_slots_per_layer"] for label, info in run_meta["strategies"].items()}
 
+        borrowed = MeasuredCosts(cfg.measured, cfg.compute_of, log) if cfg.compute_of else None
+
         def costs_for(strategy):  # each strategy replays its own measurements, with its own cache
-            return MeasuredCosts(cfg.measured, strategy.label, log)
+            own = MeasuredCosts(cfg.measured, strategy.label, log)
+            return own.with_compute_of(borrowed) if borrowed else own
 
         model_info = {**run_meta["model"], "from_run": str(cfg.measured)}
     else:
@@ -192,7 +198,8 @@ def simulate(cfg: SimConfig) -> tuple[pd.DataFrame, Path, list[str]]:
     source = log.meta.get("source")
     notes.insert(0, f"simulated: {source} routing from {cfg.trace}" + (
         f" (SYNTHETIC: {log.meta.get('synthetic')})" if source == "synthetic" else "") + ", costs from " + (
-        f"{cfg.hardware} and {cfg.model_profile} ({cfg.precision})" if cfg.measured is None else str(cfg.measured)))
+        f"{cfg.hardware} and {cfg.model_profile} ({cfg.precision})" if cfg.measured is None else str(cfg.measured)) + (
+        f", every strategy on {cfg.compute_of}'s measured compute" if cfg.compute_of else ""))
     if log.meta.get("layer_map"):
         notes.insert(1, f"layers mapped: {log.meta['layer_map']}")
     # no wall-clock times in a simulated run: the same inputs give the same bytes

@@ -65,6 +65,41 @@ def test_replaying_the_log_with_measured_costs_copies_what_the_run_copied(record
     assert real.loc[real["strategy"] == "lru", "bytes"].sum() > 0
 
 
+def test_compute_of_replays_every_strategy_on_one_strategys_compute(recorded, tmp_path):
+    run, log, sim = recorded
+    borrowed = tmp_path / "borrowed"
+    result = invoke("simulate", "--trace", log, "--measured", run, "--compute-of", "full_gpu", "--strategy",
+                    ",".join([*DETERMINISTIC, "promoe"]), "--repeats", "2", "--warmup", "1", "--out", borrowed)
+    assert result.exit_code == 0, result.output
+    assert "every strategy on full_gpu's measured compute" in result.output
+    meta, tables = load_run(borrowed)
+    layers = tables["layers"].set_index(KEY).sort_index()
+    own = load_run(sim)[1]["layers"].set_index(KEY).sort_index()
+    full = layers.loc["full_gpu"]
+    for strategy in DETERMINISTIC:
+        mine = layers.loc[strategy]
+        for column in ("non_expert_s", "router_s"):  # full_gpu's, not the strategy's own (spans of clocks
+            # that differ by strategy: equal up to rounding)
+            assert mine[column].to_numpy() == pytest.approx(full[column].loc[mine.index].to_numpy(), rel=1e-6), \
+                (strategy, column)
+        for counter in ("hits", "misses", "bytes"):  # what moves does not depend on the compute's speed
+            assert mine[counter].equals(own.loc[strategy][counter].loc[mine.index]), (strategy, counter)
+        assert meta["strategies"][strategy]["link"]["costs"]["compute_of"] == "full_gpu"
+    lru, lru_own = layers.loc["lru", "non_expert_s"], own.loc["lru", "non_expert_s"]
+    assert lru.to_numpy() != pytest.approx(lru_own.loc[lru.index].to_numpy(), rel=1e-6)  # its own measurement differed
+    assert (layers.loc["promoe", "predict_s"] > 0).any()  # its own prediction cost is kept
+
+
+def test_compute_of_needs_measured_costs_and_a_measured_strategy(recorded, tmp_path):
+    run, log, _ = recorded
+    out = tmp_path / "s"
+    assert_usage_error(invoke("simulate", "--trace", log, "--hardware", "rtx4090", "--model-profile", "mixtral-8x7b",
+                              "--compute-of", "full_gpu", "--out", out), "--measured")
+    assert_usage_error(invoke("simulate", "--trace", log, "--measured", run, "--compute-of", "oracle", "--strategy",
+                              "lru", "--out", out), "oracle")
+    assert not out.exists()
+
+
 def test_replayed_predictions_are_the_runs(recorded):
     run, _, sim = recorded
     real, simulated = load_run(run)[1]["layers"], load_run(sim)[1]["layers"]
