@@ -76,16 +76,19 @@ class ExpertCache:
         """Slots holding an expert or receiving one, over all layers."""
         return self._occupied
 
-    def begin_forward(self, layer: int, order: list[int]) -> None:
+    def begin_forward(self, layer: int, order: list[int], tokens: dict[int, int] | None = None) -> None:
+        """The layer's routed experts in the order they will run; `tokens`: how many tokens chose each (None
+        in a forward of one token), for the policy."""
         self._pending[layer] = list(order)
         self._pending_sets[layer] = set(order)
+        self.policy.begin_forward(layer, tokens)
 
     def computed(self, layer: int, expert: int) -> None:
         """`expert` finished its work in the current forward of `layer`."""
         self._pending[layer].remove(expert)
         self._pending_sets[layer].discard(expert)
         self._entries[layer][expert].used = True
-        self.policy.touch(layer, expert)
+        self.policy.computed(layer, expert)
 
     def claim(self, layer: int, expert: int, last_resort: bool, prefetch: bool = False) -> Entry | None:
         """A slot for `expert`, evicting if needed; None when no slot may be taken now."""

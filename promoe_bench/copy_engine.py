@@ -43,9 +43,9 @@ class CopyEngine:
             if self.scheduler.evict(layer, expert):
                 self._cv.notify_all()  # a task may be waiting for this slot
 
-    def begin_forward(self, layer: int, order: list[int]) -> None:
+    def begin_forward(self, layer: int, order: list[int], tokens: dict[int, int] | None = None) -> None:
         with self._cv:
-            self.cache.begin_forward(layer, order)
+            self.cache.begin_forward(layer, order, tokens)
 
     def wait(self, layer: int, expert: int, chunks: int) -> tuple[Entry, bool]:
         """Block until `chunks` chunks of the expert have landed, and keep it from eviction until

@@ -7,6 +7,7 @@ with transformers' ExpertsInterface (the router has chosen: request, order, wait
 
 import contextlib
 import time
+from collections import Counter
 
 import torch
 import torch.nn.functional as F
@@ -153,7 +154,9 @@ class OffloadRuntime:
     def forward_experts(self, layer, module, hidden_states, top_k_index, top_k_weights):
         # hidden_states [T, H], top_k_index / top_k_weights [T, K]
         # tolist() is a device->host sync: the host must know the routed experts to copy them.
-        routed = list(dict.fromkeys(top_k_index.flatten().tolist()))
+        chosen = top_k_index.flatten().tolist()
+        routed = list(dict.fromkeys(chosen))
+        tokens = Counter(chosen) if len(top_k_index) > 1 else None  # how many tokens chose each expert
         if self.routing_log is not None:
             self.routing_log.add_layer(layer, top_k_index, top_k_weights)
         hits = sum(self.is_resident(layer, e) for e in routed)
@@ -161,11 +164,11 @@ class OffloadRuntime:
         self._positions[layer] += 1
         # the routed experts are this forward's before the strategy requests any copy: a copy the worker
         # starts at once must not evict one of them to make room
-        self.engine.begin_forward(layer, routed)
+        self.engine.begin_forward(layer, routed, tokens)
         order = self.strategy.on_router(self, layer, routed)
         if order is not routed:  # reordered: the order only, nothing movable changes
             assert sorted(order) == sorted(routed), f"{self.strategy.name} must run each routed expert once"
-            self.engine.begin_forward(layer, order)
+            self.engine.begin_forward(layer, order, tokens)
         output = torch.zeros_like(hidden_states)
         late = set()  # experts compute had to wait for
         for expert in order:

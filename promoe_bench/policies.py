@@ -17,6 +17,13 @@ class EvictionPolicy(ABC):
     def forget(self, layer: int, expert: int) -> None:
         """`expert` left the cache."""
 
+    def begin_forward(self, layer: int, tokens: dict[int, int] | None) -> None:
+        """A forward of `layer` begins; `tokens`: how many tokens chose each routed expert (None: one token)."""
+
+    def computed(self, layer: int, expert: int) -> None:
+        """`expert` has done its work in the layer's current forward."""
+        self.touch(layer, expert)
+
     @abstractmethod
     def victim(self, layer: int, candidates: Iterable[int]) -> int | None:
         """The candidate to evict, or None: none may go (or there are none). `candidates` answers `in` and
@@ -47,6 +54,37 @@ class LRU(EvictionPolicy):
     def keeps(self, layer: int, expert: int) -> bool:
         """Never evicted, whatever its age."""
         return False
+
+
+class ForwardRankedLRU(LRU):
+    """LRU in which, within one forward, an expert that more tokens chose counts as used later, whatever
+    the order the experts ran in (equal counts: that order). A strategy that runs the cached experts of a
+    prompt first would otherwise leave LRU holding the ones it ran last, those that had not been cached.
+    How many experts ran when a copy claims a slot depends on thread timing, so this policy's choices do
+    too: fine for a strategy whose copies race compute anyway, not for the reactive baselines."""
+
+    def __init__(self, num_layers: int):
+        super().__init__(num_layers)
+        self._tokens: list[dict[int, int] | None] = [None] * num_layers
+        self._done: list[list[int]] = [[] for _ in range(num_layers)]  # computed this forward, fewest tokens first
+
+    def begin_forward(self, layer, tokens):
+        self._tokens[layer], self._done[layer] = tokens, []
+
+    def computed(self, layer, expert):
+        tokens, done = self._tokens[layer], self._done[layer]
+        if tokens is None or not done or tokens[done[-1]] <= tokens[expert]:
+            done.append(expert)
+            self.touch(layer, expert)
+            return
+        at = len(done)
+        while at and tokens[done[at - 1]] > tokens[expert]:
+            at -= 1
+        done.insert(at, expert)
+        order = self._order[layer]
+        for later in done[at:]:  # this forward's experts that more tokens chose stay newer than it
+            if later == expert or later in order:  # not one evicted since
+                self.touch(layer, later)
 
 
 class Static(LRU):

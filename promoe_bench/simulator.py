@@ -136,6 +136,7 @@ class Simulation:
                                        record_chunks=detail)
         self.link = SimulatedLink(self.scheduler, chunk_bytes, costs.copy_s, self.clock)
         self._positions = [0] * layers
+        self._token_rows = log.counts.tolist()  # [f][l]: token rows routed (a list: read at every layer)
         self._forward = 0
         strategy.setup(self)
         self.link.drain()
@@ -201,6 +202,7 @@ class Simulation:
         log, clock, recorder, strategy = self.log, self.clock, self.recorder, self.strategy
         costs = self._costs = self.costs.forward(context["repeat"], f)
         self._forward = f
+        token_rows = self._token_rows[f]
         recorder.begin_step(**context)
         for layer in range(log.num_layers):
             clock.now += costs.non_expert_s(layer)
@@ -217,12 +219,13 @@ class Simulation:
                 hits += entry is not None and entry.chunks_ready == 3
             recorder.router_end(layer, routed, hits)
             self._positions[layer] += 1
-            self.cache.begin_forward(layer, routed)  # as the runtime: pending before any copy is requested
+            chose = tokens if token_rows[layer] > 1 else None  # as the runtime: counts of a batched forward
+            self.cache.begin_forward(layer, routed, chose)  # as the runtime: pending before any copy is requested
             order = strategy.on_router(self, layer, routed)
             if order is not routed:  # reordered: the order only, nothing movable changes
                 assert len(order) == len(routed) and set(order) == tokens.keys(), \
                     f"{strategy.name} must run each routed expert once"
-                self.cache.begin_forward(layer, order)
+                self.cache.begin_forward(layer, order, chose)
             late = set()
             for expert in order:
                 seconds = costs.expert_s(layer, expert, tokens[expert])

@@ -1,6 +1,7 @@
 from dataclasses import dataclass
 
 from promoe_bench.environment import Priority
+from promoe_bench.policies import ForwardRankedLRU
 
 from .prefetch import Prefetching
 
@@ -17,6 +18,10 @@ class ProMoE(Prefetching):
 
     preempt: bool = True  # drop the layer's LOW copies when its router has chosen
     reorder: bool = True  # run (and copy) resident experts first, then the most-landed ones
+
+    def eviction_policy(self, env):
+        # running the cached experts first must not decide which experts a prompt leaves cached
+        return ForwardRankedLRU(env.shape.num_layers)
 
     def on_router(self, env, layer, experts):
         order = sorted(experts, key=lambda e: -env.chunks_ready(layer, e)) if self.reorder else experts

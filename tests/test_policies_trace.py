@@ -1,4 +1,5 @@
-"""RoutingTrace, the Belady and Static policies, and the cache's last-resort rule when a policy says None.
+"""RoutingTrace, the Belady, Static and forward-ranked LRU policies, and the cache's last-resort rule when a
+policy says None.
 
 Pure data structures: no threads, no copies.
 """
@@ -9,7 +10,7 @@ import pandas as pd
 import pytest
 
 from promoe_bench.cache import ExpertCache
-from promoe_bench.policies import LRU, Belady, Static
+from promoe_bench.policies import LRU, Belady, ForwardRankedLRU, Static
 from promoe_bench.trace import RoutingTrace
 
 CHUNK_BYTES = (100, 100, 50)
@@ -211,6 +212,64 @@ def full_cache(policy, experts, capacity=3):
         entry = cache.claim(0, expert, last_resort=False)
         entry.copying, entry.chunks_ready = False, 3
     return cache
+
+
+# -- ForwardRankedLRU ---------------------------------------------------------------------------------
+
+
+def oldest_first(policy, layer, experts):
+    order, left = [], set(experts)
+    while left:
+        order.append(policy.victim(layer, left))
+        left.discard(order[-1])
+    return order
+
+
+def test_forward_ranked_lru_ranks_a_batched_forward_by_tokens_whatever_the_run_order():
+    for run_order in ([7, 2, 5], [2, 5, 7], [5, 7, 2]):
+        policy = ForwardRankedLRU(num_layers=1)
+        policy.touch(0, 9)  # used in an earlier forward: older than all of this one's
+        policy.begin_forward(0, {7: 3, 2: 1, 5: 2})
+        for expert in run_order:
+            policy.computed(0, expert)
+        assert oldest_first(policy, 0, [9, 7, 2, 5]) == [9, 2, 5, 7], run_order
+
+
+def test_forward_ranked_lru_keeps_run_order_for_one_token_and_for_equal_counts():
+    policy = ForwardRankedLRU(num_layers=1)
+    policy.begin_forward(0, None)  # a decode step: as LRU
+    for expert in (4, 1, 3):
+        policy.computed(0, expert)
+    assert oldest_first(policy, 0, [1, 3, 4]) == [4, 1, 3]
+    policy.begin_forward(0, {6: 2, 0: 2})
+    for expert in (6, 0):
+        policy.computed(0, expert)
+    assert oldest_first(policy, 0, [0, 6]) == [6, 0]
+
+
+def test_forward_ranked_lru_never_brings_back_an_expert_evicted_in_the_forward():
+    policy = ForwardRankedLRU(num_layers=1)
+    policy.begin_forward(0, {1: 5, 2: 1})
+    policy.computed(0, 1)
+    policy.forget(0, 1)  # evicted to make room for a later expert
+    policy.computed(0, 2)  # ranks before 1, which must not come back
+    assert list(policy._order[0]) == [2]
+
+
+def test_promoe_ranks_a_forward_by_tokens_and_oracle_keeps_belady():
+    from promoe_bench.environment import ModelShape
+    from promoe_bench.strategies import parse
+
+    class Env:
+        shape = ModelShape(2, 8, 2, expert_bytes=1000, capacity=4)
+        trace = RoutingTrace(FORWARDS)
+
+        def position(self, layer):
+            return 0
+
+    assert type(parse("promoe").eviction_policy(Env())) is ForwardRankedLRU
+    assert type(parse("oracle").eviction_policy(Env())) is Belady
+    assert type(parse("lru").eviction_policy(Env())) is LRU  # a reactive baseline stays independent of timing
 
 
 def test_claim_refuses_when_the_policy_keeps_every_candidate():
