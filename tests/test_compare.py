@@ -68,7 +68,10 @@ def test_a_strategy_made_to_miss_more_is_caught(checkpoints, base, tmp_path, mon
     result, document = gate(base, planted)
     assert result.exit_code == 1
     assert {("lru", "misses"), ("lru", "copied_bytes")} <= regressed(document)
-    assert not {row for row in regressed(document) if row[0] != "lru"}
+    # nothing else copies differently (wall-clock times are left out: a machine stall through one strategy's
+    # repeats once made full_gpu's TPOT regress here)
+    assert not {(row["strategy"], row["metric"]) for row in document["rows"]
+                if row["verdict"] == "regressed" and row["kind"] == "counter" and row["strategy"] != "lru"}
     relaxed, document = gate(base, planted, "--metric", "lru:misses=1000%", "--metric", "lru:copied_bytes=1000%",
                              "--metric", "evictions=1000%", "--metric", "hits=1000%", "--only", "counter")
     assert relaxed.exit_code == 0, regressed(document)  # per-strategy and per-metric thresholds
