@@ -83,6 +83,10 @@ class ExpertCache:
         self._pending_sets[layer] = set(order)
         self.policy.begin_forward(layer, tokens)
 
+    def reorder(self, layer: int, order: list[int]) -> None:
+        """The current forward's experts will run in `order` instead (the same experts: nothing else changes)."""
+        self._pending[layer] = list(order)
+
     def computed(self, layer: int, expert: int) -> None:
         """`expert` finished its work in the current forward of `layer`."""
         self._pending[layer].remove(expert)

@@ -47,6 +47,10 @@ class CopyEngine:
         with self._cv:
             self.cache.begin_forward(layer, order, tokens)
 
+    def reorder(self, layer: int, order: list[int]) -> None:
+        with self._cv:
+            self.cache.reorder(layer, order)
+
     def wait(self, layer: int, expert: int, chunks: int) -> tuple[Entry, bool]:
         """Block until `chunks` chunks of the expert have landed, and keep it from eviction until
         `release`. Returns the entry and whether compute had to wait (a stall)."""

@@ -168,7 +168,7 @@ class OffloadRuntime:
         order = self.strategy.on_router(self, layer, routed)
         if order is not routed:  # reordered: the order only, nothing movable changes
             assert sorted(order) == sorted(routed), f"{self.strategy.name} must run each routed expert once"
-            self.engine.begin_forward(layer, order, tokens)
+            self.engine.reorder(layer, order)
         output = torch.zeros_like(hidden_states)
         late = set()  # experts compute had to wait for
         for expert in order:

@@ -225,7 +225,7 @@ class Simulation:
             if order is not routed:  # reordered: the order only, nothing movable changes
                 assert len(order) == len(routed) and set(order) == tokens.keys(), \
                     f"{strategy.name} must run each routed expert once"
-                self.cache.begin_forward(layer, order, chose)
+                self.cache.reorder(layer, order)
             late = set()
             for expert in order:
                 seconds = costs.expert_s(layer, expert, tokens[expert])
