@@ -23,6 +23,7 @@ from .routing_log import RoutingLogBuilder
 from .statistics import statistics_table
 from .strategies import available, resolve
 from .summary import summarize
+from .threads import compute_threads, torch_threads
 from .trace import RoutingTrace
 from .workloads import Workload, build_requests
 
@@ -101,20 +102,23 @@ def run_strategy(loaded: LoadedModel, strategy, capacity: int, cfg: RunConfig, d
     gen_len = cfg.workload.output_tokens
     requests, steps, tokens, phases = [], [], [], []
     try:
-        for repeat in range(cfg.warmup + cfg.repeats):  # warm-up repeats first, recorded but flagged
-            tokens = []
-            for number, batch in enumerate(batches):
-                context = {"strategy": strategy.label, "repeat": repeat, "warmup": repeat < cfg.warmup,
-                           "batch": number}
-                result = generate(loaded.model, batch.input_ids.to(device), gen_len, runtime,
-                                  attention_mask=batch.attention_mask, meter=meter, **context)
-                tokens.append(result.tokens)
-                phases += [{**context, **row} for row in result.phases]
-                prompts = {request: len(prompt) for request, prompt in zip(batch.requests, batch.prompts, strict=True)}
-                own_requests, own_steps = batch_rows(context, prompts, result.step_seconds, sum(prompts.values()))
-                requests += own_requests
-                steps += own_steps
-                progress.update(1)
+        with torch_threads(compute_threads(device)):
+            for repeat in range(cfg.warmup + cfg.repeats):  # warm-up repeats first, recorded but flagged
+                tokens = []
+                for number, batch in enumerate(batches):
+                    context = {"strategy": strategy.label, "repeat": repeat, "warmup": repeat < cfg.warmup,
+                               "batch": number}
+                    result = generate(loaded.model, batch.input_ids.to(device), gen_len, runtime,
+                                      attention_mask=batch.attention_mask, meter=meter, **context)
+                    tokens.append(result.tokens)
+                    phases += [{**context, **row} for row in result.phases]
+                    prompts = {request: len(prompt)
+                               for request, prompt in zip(batch.requests, batch.prompts, strict=True)}
+                    own_requests, own_steps = batch_rows(context, prompts, result.step_seconds,
+                                                         sum(prompts.values()))
+                    requests += own_requests
+                    steps += own_steps
+                    progress.update(1)
     finally:
         meter.close()
         runtime.close()
@@ -219,7 +223,7 @@ def run(cfg: RunConfig) -> tuple[pd.DataFrame, Path]:
         "status": "running",
         "started": datetime.datetime.now(datetime.UTC).isoformat(),
         "config": cfg.to_json(),
-        "environment": provenance.capture(device),
+        "environment": {**provenance.capture(device), "compute_threads": compute_threads(device)},
         "model": _model_info(loaded),
         "strategies": {},
     }

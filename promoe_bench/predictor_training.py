@@ -18,6 +18,7 @@ from .checkpoint import load_tokenizer
 from .errors import UsageError
 from .families import MoELayer, find_moe_layers, router_of
 from .predictors import LearnedPredictors, PredictorMLP, model_fingerprint
+from .threads import torch_threads
 from .workloads import Workload, build_requests
 
 BATCH_SIZE = 256
@@ -70,12 +71,10 @@ def _recall(picks: torch.Tensor, truth: torch.Tensor) -> float:
 
 def train_pair(x_train, y_train, x_eval, y_eval, num_experts: int, width: int, seed: int):
     """One predictor; returns (mlp, eval recall@k, epochs run)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a small MLP gains nothing from more, and intra-op threads contending with
-    try:                      # other work on a small machine ran 50x slower (36 s vs 0.7 s an epoch)
+    # a small MLP gains nothing from more threads, and intra-op threads contending with other work on a
+    # small machine ran 50x slower (36 s vs 0.7 s an epoch)
+    with torch_threads(1):
         return _train_pair(x_train, y_train, x_eval, y_eval, num_experts, width, seed)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _train_pair(x_train, y_train, x_eval, y_eval, num_experts: int, width: int, seed: int):

@@ -1,0 +1,25 @@
+"""How many intra-op threads torch computes with."""
+
+import contextlib
+
+import torch
+
+
+def compute_threads(device: torch.device) -> int:
+    """Threads for a run's compute. On the CPU, one core fewer than torch would take: that core is the
+    emulated link's copy worker's, as a GPU's copy engine is hardware of its own. Without it the worker's
+    memcpy and pacing take cores from compute, which charges every copy made while computing (prefetches
+    above all) to the strategy's compute."""
+    threads = torch.get_num_threads()
+    return max(1, threads - 1) if device.type == "cpu" else threads
+
+
+@contextlib.contextmanager
+def torch_threads(count: int):
+    """torch computes with `count` intra-op threads inside the block."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
