@@ -18,12 +18,12 @@ from .links import CudaLink, EmulatedLink
 from .meter import PhaseMeter
 from .offload import OffloadRuntime
 from .predictors import LearnedPredictors, load_predictors, model_fingerprint
+from .quiet import collector_held, compute_threads, torch_threads
 from .results import RunWriter
 from .routing_log import RoutingLogBuilder
 from .statistics import statistics_table
 from .strategies import available, resolve
 from .summary import summarize
-from .threads import compute_threads, torch_threads
 from .trace import RoutingTrace
 from .workloads import Workload, build_requests
 
@@ -108,8 +108,9 @@ def run_strategy(loaded: LoadedModel, strategy, capacity: int, cfg: RunConfig, d
                 for number, batch in enumerate(batches):
                     context = {"strategy": strategy.label, "repeat": repeat, "warmup": repeat < cfg.warmup,
                                "batch": number}
-                    result = generate(loaded.model, batch.input_ids.to(device), gen_len, runtime,
-                                      attention_mask=batch.attention_mask, meter=meter, **context)
+                    with collector_held():  # collected between batches instead
+                        result = generate(loaded.model, batch.input_ids.to(device), gen_len, runtime,
+                                          attention_mask=batch.attention_mask, meter=meter, **context)
                     tokens.append(result.tokens)
                     phases += [{**context, **row} for row in result.phases]
                     prompts = {request: len(prompt)

@@ -18,7 +18,7 @@ from .checkpoint import load_tokenizer
 from .errors import UsageError
 from .families import MoELayer, find_moe_layers, router_of
 from .predictors import LearnedPredictors, PredictorMLP, model_fingerprint
-from .threads import torch_threads
+from .quiet import torch_threads
 from .workloads import Workload, build_requests
 
 BATCH_SIZE = 256
