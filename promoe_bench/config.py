@@ -17,7 +17,7 @@ from .workloads import Workload
 # Emulated host-to-device link for --device cpu. Derived so that, for the built-in model on a 2-core
 # CPU, one expert's copy takes about 2.06x one layer's decode compute, as in the paper's setup
 # (17.3 MB at 23.9 GB/s = 0.72 ms per expert, against 9.8 ms / 28 layers = 0.35 ms per layer); here
-# full_gpu decodes in about 5.6 ms over 6 layers (README: The emulated link).
+# full_gpu decodes in about 5.5 ms over 6 layers (README: The emulated link).
 DEFAULT_LINK_GBPS = 0.05
 DEFAULT_LINK_LATENCY_US = 20.0
 
