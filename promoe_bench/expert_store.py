@@ -5,6 +5,7 @@ bias when the family has biases. Weights keep the orientation the family's exper
 (`[out, in]` for F.linear, `[in, out]` when `is_transposed`), so compute needs no reshuffling.
 """
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -44,8 +45,13 @@ class ExpertLayout:
         return self.numel * self.dtype.itemsize
 
     def chunk_bounds(self, chunk: int) -> tuple[int, int]:
-        start = sum(self.chunk_numel(c) for c in range(chunk))
-        return start, start + self.chunk_numel(chunk)
+        return self._bounds[chunk]
+
+    @functools.cached_property
+    def _bounds(self) -> tuple[tuple[int, int], ...]:
+        # worked out once: the copy worker asks for a chunk's range twice per chunk it moves
+        ends = [sum(self.chunk_numel(c) for c in range(chunk + 1)) for chunk in range(3)]
+        return tuple(zip([0, *ends[:2]], ends, strict=True))
 
     def chunk_views(self, flat: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         """(weight, bias) views into one expert's flat buffer `flat` [numel]."""
