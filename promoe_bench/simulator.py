@@ -60,7 +60,8 @@ class SimulatedLink:
     previous one landed, so the scheduler sees the cache as compute left it at that moment."""
 
     def __init__(self, scheduler: CopyScheduler, chunk_bytes: tuple[int, ...], copy_s, clock: SimClock):
-        self.scheduler, self.chunk_bytes, self.copy_s, self.clock = scheduler, chunk_bytes, copy_s, clock
+        self.scheduler, self.chunk_bytes, self.clock = scheduler, chunk_bytes, clock
+        self.chunk_s = tuple(copy_s(nbytes) for nbytes in chunk_bytes)  # a copy's time depends on its bytes alone
         self.inflight: _Copy | None = None
         self.bytes = 0
 
@@ -71,8 +72,7 @@ class SimulatedLink:
         task, first = pick
         pieces = []
         for chunk in range(first, first + 1 if task.chunked else NUM_CHUNKS):
-            nbytes = self.chunk_bytes[chunk]
-            pieces.append((nbytes, at, at + self.copy_s(nbytes)))
+            pieces.append((self.chunk_bytes[chunk], at, at + self.chunk_s[chunk]))
             at = pieces[-1][2]
         self.inflight = _Copy(task, pieces)
 
