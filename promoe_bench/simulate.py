@@ -21,6 +21,7 @@ from .config import cache_capacity
 from .costs import CostModel, MeasuredCosts, ProfileCosts
 from .errors import UsageError
 from .profiles import load_hardware, load_model_profile
+from .quiet import collector_held
 from .results import RunWriter, load_run
 from .routing_log import RoutingLog, RoutingLogBuilder
 from .simulator import Simulation
@@ -125,10 +126,11 @@ def simulate_strategy(log: RoutingLog, strategy, capacity: int, costs, chunk_byt
     requests, steps = [], []
     for repeat in range(cfg.warmup + cfg.repeats):
         seconds: dict[int, list[float]] = {}
-        for f, (batch, step) in enumerate(zip(log.forward_batch.tolist(), log.forward_step.tolist(), strict=True)):
-            context = {"strategy": strategy.label, "repeat": repeat, "warmup": repeat < cfg.warmup, "batch": batch}
-            spent = sim.forward(f, **context, phase="prefill" if step == 0 else "decode", step=step)
-            seconds.setdefault(batch, []).append(spent)
+        with collector_held():  # the replay makes no garbage cycles; collections would rescan its rows
+            for f, (batch, step) in enumerate(zip(log.forward_batch.tolist(), log.forward_step.tolist(), strict=True)):
+                context = {"strategy": strategy.label, "repeat": repeat, "warmup": repeat < cfg.warmup, "batch": batch}
+                spent = sim.forward(f, **context, phase="prefill" if step == 0 else "decode", step=step)
+                seconds.setdefault(batch, []).append(spent)
         for batch, spent in seconds.items():
             members = requests_of[batch]
             rows = int(log.counts[log.forward_batch == batch][0].max())  # the prefill's token rows

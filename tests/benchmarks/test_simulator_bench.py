@@ -14,6 +14,7 @@ import pytest
 
 from promoe_bench.costs import CostModel, ProfileCosts
 from promoe_bench.profiles import load_hardware, load_model_profile
+from promoe_bench.quiet import collector_held
 from promoe_bench.routing_import import import_jsonl
 from promoe_bench.routing_synthetic import synthetic_log
 from promoe_bench.simulator import Simulation
@@ -46,8 +47,10 @@ def test_lru_replay_speed(benchmark, name):
     def replay():
         sim = Simulation(log, parse("lru"), capacity, costs, chunks, detail=False)
         start = time.perf_counter()
-        for f in range(len(log.counts)):
-            sim.forward(f, repeat=0, warmup=False, batch=int(log.forward_batch[f]), step=int(log.forward_step[f]))
+        with collector_held():  # as `simulate` replays
+            for f in range(len(log.counts)):
+                sim.forward(f, repeat=0, warmup=False, batch=int(log.forward_batch[f]),
+                            step=int(log.forward_step[f]))
         elapsed.append(time.perf_counter() - start)
         return sim
 
