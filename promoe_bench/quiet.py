@@ -1,5 +1,5 @@
-"""What else the process does while a run is timed: compute's intra-op threads, and Python's garbage
-collector."""
+"""What else the process does while a run is timed or a log replays: compute's intra-op threads, and
+Python's garbage collector."""
 
 import contextlib
 import gc

@@ -1,5 +1,5 @@
-"""What else the process does while a run is timed: on the CPU a run leaves one core to the emulated link's
-copy worker, and no garbage collection falls inside a batch's generation."""
+"""What else the process does while a run is timed or a log replays: on the CPU a run leaves one core to the
+emulated link's copy worker, and no garbage collection falls inside a batch's generation or a repeat's replay."""
 
 import gc
 import json
@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from promoe_bench import bench
+from promoe_bench.costs import CostModel, ProfileCosts
+from promoe_bench.profiles import load_hardware, load_model_profile
 from promoe_bench.quiet import collector_held, compute_threads, torch_threads
+from promoe_bench.routing_synthetic import synthetic_log
+from promoe_bench.simulate import SimConfig, simulate_strategy
+from promoe_bench.simulator import Simulation
+from promoe_bench.strategies import parse
 
 from .test_cli import run_cli
 
@@ -60,3 +66,23 @@ def test_a_cpu_run_generates_on_one_core_fewer_and_without_collections(checkpoin
     assert seen and set(seen) == {(1, False)}
     assert gc.isenabled()
     assert json.loads((tmp_path / "run" / "run.json").read_text())["environment"]["compute_threads"] == 1
+
+
+def test_a_simulation_replays_without_collections(monkeypatch, tmp_path):
+    seen = []
+
+    def watched_forward(self, f, **context):
+        seen.append(gc.isenabled())
+        return forward(self, f, **context)
+
+    forward = Simulation.forward
+    monkeypatch.setattr(Simulation, "forward", watched_forward)
+    log = synthetic_log(2, 8, 2, prompt_tokens=4, decode_steps=3, seed=0)
+    model = CostModel(load_hardware("rtx4090"), load_model_profile("mixtral-8x7b"), "int4")
+    third = model.expert_bytes // 3
+    chunks = (third, third, model.expert_bytes - 2 * third)
+    run = simulate_strategy(log, parse("lru"), 4, ProfileCosts(model, log), chunks,
+                            SimConfig(tmp_path / "unused.log", "rtx4090", "mixtral-8x7b", "int4", repeats=2))
+    assert len(run.steps) == (1 + 2) * len(log.counts)  # a row per forward of each repeat, warm-up included
+    assert seen and not any(seen)
+    assert gc.isenabled()
