@@ -69,18 +69,17 @@ def statistics(results, num_experts: int, top_k: int) -> pd.DataFrame:
     for layer in range(num_layers):
         counts = torch.zeros(num_experts)
         decode_counts = torch.zeros(num_experts)
-        decode_tokens = repeat = repeat_n = recall = recall_n = hits = total = similar = 0
+        decode_tokens = repeat = recall = recall_n = hits = total = similar = 0
         for chosen, guessed, n_prompt, similarity in results:
             picks = chosen[layer]  # [T, K]
-            similar += float(similarity[layer][max(n_prompt, 1) - 1:].sum())  # decode tokens vs previous
+            first = max(n_prompt, 1)  # the first decode token that has a previous token
+            similar += float(similarity[layer][first - 1:].sum())  # decode tokens vs previous
             counts += torch.bincount(picks.flatten(), minlength=num_experts).float()
-            decode = picks[max(n_prompt, 1):]
+            decode = picks[first:]
             decode_counts += torch.bincount(decode.flatten(), minlength=num_experts).float()
             decode_tokens += len(decode)
             sets = [set(row.tolist()) for row in picks]
-            for t in range(max(n_prompt, 1), len(sets)):
-                repeat += len(sets[t] & sets[t - 1]) / top_k
-                repeat_n += 1
+            repeat += sum(len(sets[t] & sets[t - 1]) for t in range(first, len(sets))) / top_k
             if layer + 1 < num_layers:
                 truth = chosen[layer + 1]
                 for guess_row, true_row in zip(guessed[layer], truth, strict=True):
@@ -95,10 +94,10 @@ def statistics(results, num_experts: int, top_k: int) -> pd.DataFrame:
             "usage_entropy": float(-(nonzero * nonzero.log()).sum() / math.log(num_experts)),
             "dead_experts": int((counts == 0).sum()),
             "top_share": float(shares.max()),
-            "repeat_share": repeat / repeat_n if repeat_n else float("nan"),
+            "repeat_share": repeat / decode_tokens if decode_tokens else float("nan"),
             "repeat_by_popularity": (float((decode_counts / decode_tokens).square().sum()) / top_k
                                      if decode_tokens else float("nan")),
-            "neighbour_similarity": similar / repeat_n if repeat_n else float("nan"),
+            "neighbour_similarity": similar / decode_tokens if decode_tokens else float("nan"),
             "gate_recall": recall / recall_n if recall_n else float("nan"),
             "lru_half_hit_rate": hits / total if total else float("nan"),
         })
