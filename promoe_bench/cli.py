@@ -355,6 +355,27 @@ def compare(base, new, metrics, only, alpha, form):
 
 @main.command()
 @click.argument("run_folder", type=click.Path(path_type=Path))
+@click.option("--strategy", "label", default="lru", show_default=True,
+              help="Whose cache size and link to bound (a label of the run, e.g. 'lru[cache_rate=0.25]').")
+def bound(run_folder, label):
+    """The least TTFT any policy with per-layer caches could reach on a run's prompts (needs full_gpu in the
+    run), against each strategy of that cache size."""
+    from .bounds import against_bound, expert_copy_s, prompt_bounds
+    from .results import load_run
+
+    meta, tables = load_run(run_folder)
+    bounds = prompt_bounds(meta, tables, label)
+    click.echo(f"{label}: {meta['strategies'][label]['cache_slots_per_layer']} slots per layer, "
+               f"{expert_copy_s(meta, label) * 1e3:.3f} ms per expert copied, "
+               f"{bounds.routed.median():.0f} experts routed per prompt layer (median)")
+    click.echo(f"least TTFT any per-layer-cache policy could reach: {bounds.bound_s.median() * 1e3:.1f} ms "
+               f"(median over {len(bounds)} prompts)")
+    table = against_bound(meta, tables, label)
+    click.echo(table.round(2).to_string(header=["TTFT ms", "x the bound"], index_names=False))
+
+
+@main.command()
+@click.argument("run_folder", type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="The baseline file (JSON).")
 def baseline(run_folder, out):
     """Reduce a run folder to a baseline file for `compare` (counters and samples per strategy)."""
