@@ -27,8 +27,8 @@ def expert_copy_s(meta: dict, label: str) -> float:
         hardware = load_hardware(meta["config"]["hardware"])
         latency_s, bytes_per_s = hardware.copy_latency_us * 1e-6, hardware.h2d_gbps * 1e9
     else:
-        raise UsageError(f"{label}'s link is {link['kind']} from measured costs; a bound reads runs on the emulated "
-                         "link and projections onto a hardware profile")
+        raise UsageError(f"{label}'s link ({link['kind']}) has no set bandwidth: a bound reads runs on the emulated "
+                         "link and simulations on a hardware profile")
     return NUM_CHUNKS * latency_s + meta["model"]["expert_bytes"] / bytes_per_s
 
 

@@ -1,6 +1,9 @@
 """The prompt bound: no strategy fills a simulated prompt faster, and it counts the copies a prompt cannot
 avoid; `promoe-bench bound` prints it and refuses runs it cannot bound."""
 
+import json
+import shutil
+
 import pytest
 
 from promoe_bench.bounds import prompt_bounds
@@ -55,3 +58,9 @@ def test_runs_the_bound_cannot_be_made_of_are_refused(synthetic, model_profile, 
     assert simulate(synthetic, model_profile, untimed, "--strategy", "full_gpu,lru", "--no-timeline").exit_code == 0
     assert_usage_error(invoke("bound", untimed), "--no-timeline")
     assert_usage_error(invoke("bound", tmp_path / "nowhere"), "not a promoe-bench run folder")
+    measured = tmp_path / "measured"  # a replay of a CPU run's own costs: its link has no set bandwidth here
+    shutil.copytree(projected, measured)
+    meta = json.loads((measured / "run.json").read_text())
+    meta["strategies"]["lru[cache_rate=0.5]"]["link"]["costs"] = {"kind": "measured"}
+    (measured / "run.json").write_text(json.dumps(meta))
+    assert_usage_error(invoke("bound", measured, "--strategy", "lru[cache_rate=0.5]"), "no set bandwidth")
