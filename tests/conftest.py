@@ -1,9 +1,12 @@
 import contextlib
+import json
 from types import SimpleNamespace
 
 import pytest
 import torch
 from click.testing import CliRunner
+
+from promoe_bench.routing_synthetic import synthetic_log
 
 from .checkpoints import FAMILIES, write_checkpoint
 
@@ -58,3 +61,23 @@ def mixtral_predictors(mixtral_predictor_training):
     """The tiny mixtral's learned predictors folder: with it, `--strategy all` (promoe included) runs
     on that checkpoint."""
     return mixtral_predictor_training.folder
+
+
+@pytest.fixture(scope="session")
+def synthetic(tmp_path_factory):
+    """A small SYNTHETIC routing log (4 layers, 16 experts, top-2, two batches) for simulations."""
+    path = tmp_path_factory.mktemp("synth") / "synthetic.log"
+    synthetic_log(num_layers=4, num_experts=16, top_k=2, prompt_tokens=24, decode_steps=40, batches=2,
+                  skew=1.0, repeat=0.3, cross_layer=0.5, seed=3).save(path)
+    return path
+
+
+@pytest.fixture
+def model_profile(tmp_path):
+    """A mixtral-shaped config with the synthetic log's shape (4 MoE layers, 16 experts, top-2)."""
+    config = {"model_type": "mixtral", "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1000, "num_local_experts": 16,
+              "num_experts_per_tok": 2, "tie_word_embeddings": False}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    return path

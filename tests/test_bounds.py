@@ -10,13 +10,13 @@ from promoe_bench.bounds import prompt_bounds
 from promoe_bench.results import load_run
 
 from .test_cli import assert_usage_error, invoke
-from .test_simulator import model_profile, simulate, synthetic  # noqa: F401 (fixtures)
+from .test_simulator import simulate
 
 STRATEGIES = "full_gpu,on_demand,lru,static,promoe[predictor=noisy],oracle"
 
 
 @pytest.fixture
-def projected(synthetic, model_profile, tmp_path):  # noqa: F811
+def projected(synthetic, model_profile, tmp_path):
     out = tmp_path / "sim"
     # the emulated link's profile: copies outweigh this small model's compute, as in a long prompt of a real one
     result = simulate(synthetic, model_profile, out, "--strategy", STRATEGIES, "--cache-rate", "0.25,0.5",
@@ -49,7 +49,7 @@ def test_the_bound_command_prints_the_bound_and_each_strategy_against_it(project
     assert "oracle[cache_rate=0.25]" in result.output and "cache_rate=0.5" not in result.output
 
 
-def test_runs_the_bound_cannot_be_made_of_are_refused(synthetic, model_profile, projected, tmp_path):  # noqa: F811
+def test_runs_the_bound_cannot_be_made_of_are_refused(synthetic, model_profile, projected, tmp_path):
     assert_usage_error(invoke("bound", projected), "no strategy 'lru'")
     without = tmp_path / "without"
     assert simulate(synthetic, model_profile, without, "--strategy", "lru").exit_code == 0

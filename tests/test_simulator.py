@@ -10,7 +10,6 @@ import pytest
 from promoe_bench.costs import _thread_overheads
 from promoe_bench.results import load_run, load_timeline
 from promoe_bench.routing_log import RoutingLog
-from promoe_bench.routing_synthetic import synthetic_log
 from promoe_bench.strategies import parse
 from promoe_bench.summary import hardware
 
@@ -124,25 +123,6 @@ def test_a_simulated_run_folder_has_the_runs_schema_and_says_what_it_stands_on(r
     timeline = load_timeline(sim)
     copies = timeline[(timeline["strategy"] == "lru") & (timeline["lane"] == "copy")]
     assert copies["bytes"].sum() == tables["layers"].query("strategy == 'lru'")["bytes"].sum()
-
-
-@pytest.fixture(scope="module")
-def synthetic(tmp_path_factory):
-    path = tmp_path_factory.mktemp("synth") / "synthetic.log"
-    synthetic_log(num_layers=4, num_experts=16, top_k=2, prompt_tokens=24, decode_steps=40, batches=2,
-                  skew=1.0, repeat=0.3, cross_layer=0.5, seed=3).save(path)
-    return path
-
-
-@pytest.fixture
-def model_profile(tmp_path):
-    """A mixtral-shaped config with the synthetic log's shape (4 MoE layers, 16 experts, top-2)."""
-    config = {"model_type": "mixtral", "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4,
-              "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1000, "num_local_experts": 16,
-              "num_experts_per_tok": 2, "tie_word_embeddings": False}
-    path = tmp_path / "config.json"
-    path.write_text(json.dumps(config))
-    return path
 
 
 def simulate(trace, model_profile, out, *extra):
