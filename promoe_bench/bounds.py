@@ -58,16 +58,15 @@ def prompt_bounds(meta: dict, tables: dict[str, pd.DataFrame], label: str) -> pd
     return bounds
 
 
-def against_bound(meta: dict, tables: dict[str, pd.DataFrame], label: str) -> pd.DataFrame:
+def against_bound(meta: dict, tables: dict[str, pd.DataFrame], label: str, bounds: pd.DataFrame) -> pd.DataFrame:
     """Each strategy with `label`'s cache size: its median TTFT and the median over prompts of how many
-    times the prompt's bound it took."""
-    bounds = prompt_bounds(meta, tables, label).reset_index()
+    times the prompt's bound (`prompt_bounds`) it took."""
     slots = meta["strategies"][label]["cache_slots_per_layer"]
     alike = [name for name, facts in meta["strategies"].items() if facts["cache_slots_per_layer"] == slots]
     requests = tables["requests"]
     prompts = (requests[requests.strategy.isin(alike) & ~requests.warmup]
                .groupby(["strategy", "repeat", "batch"], sort=False).ttft_s.first().reset_index()
-               .merge(bounds, on=["repeat", "batch"]))
+               .merge(bounds.reset_index(), on=["repeat", "batch"]))
     prompts["times_bound"] = prompts.ttft_s / prompts.bound_s
     table = prompts.groupby("strategy", sort=False).agg(ttft_ms=("ttft_s", "median"),
                                                         times_bound=("times_bound", "median"))

@@ -370,7 +370,7 @@ def bound(run_folder, label):
                f"{bounds.routed.median():.0f} experts routed per prompt layer (median)")
     click.echo(f"least TTFT any per-layer-cache policy could reach: {bounds.bound_s.median() * 1e3:.1f} ms "
                f"(median over {len(bounds)} prompts)")
-    table = against_bound(meta, tables, label)
+    table = against_bound(meta, tables, label, bounds)
     click.echo(table.round(2).to_string(header=["TTFT ms", "x the bound"], index_names=False))
 
 

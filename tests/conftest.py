@@ -1,4 +1,3 @@
-import contextlib
 import json
 from types import SimpleNamespace
 
@@ -6,6 +5,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from promoe_bench.quiet import torch_threads
 from promoe_bench.routing_synthetic import synthetic_log
 
 from .checkpoints import FAMILIES, write_checkpoint
@@ -17,16 +17,10 @@ MIXTRAL_PREDICTOR_TRAINING = ["--workload", "synthetic", "--num-requests", "10",
                               "--distance", "1..2", "--device", "cpu"]
 
 
-@contextlib.contextmanager
 def one_torch_thread():
     """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine the spinning
     threads make small training loops many times slower; the thread count is restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+    return torch_threads(1)
 
 
 @pytest.fixture(autouse=True)
