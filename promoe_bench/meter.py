@@ -13,7 +13,7 @@ import time
 import psutil
 import torch
 
-from .nvml import FIELD_COUNTERS, THROUGHPUT_SAMPLES, Missing, NvmlDevice, Sampler, open_device
+from .nvml import COUNTER_MARGIN, FIELD_COUNTERS, THROUGHPUT_SAMPLES, Missing, NvmlDevice, Sampler, open_device
 
 FIELDS = ("phase", "tokens", "seconds", "pcie_h2d_bytes", "pcie_h2d_gbps", "nvml_peak_memory_bytes",
           "torch_max_allocated_bytes", "torch_max_reserved_bytes", "energy_j", "energy_per_token_j",
@@ -55,6 +55,7 @@ class PhaseMeter:
         self._sampler = Sampler(self._read, interval_s)
         self._snapshots: list[dict] = []
         self._open: tuple | None = None  # (phase, snapshot, link bytes, sampler index) between begin and end
+        self._pcie_dropped = 0  # PCIe counter moves dropped as impossible (WrappingCounter) inside the phases
 
     def _note_gpu(self) -> None:
         if isinstance(self.gpu, Missing):
@@ -136,6 +137,18 @@ class PhaseMeter:
         if isinstance(self.gpu, Missing):
             return None
         if self.gpu.pcie_source == FIELD_COUNTERS:
+            dropped = last["pcie_h2d_dropped"] - first["pcie_h2d_dropped"]
+            if dropped:
+                # What the link carried in a dropped interval is unknown (anything from 0 to the bound), so the
+                # phase's total would be short by an unknown amount: it is left out rather than shown low with
+                # a note that a table of phases does not carry.
+                self._pcie_dropped += dropped
+                reads = f"{self._pcie_dropped} PCIe counter read{'s' if self._pcie_dropped > 1 else ''}"
+                why = (f"{reads} dropped: the counter moved more than the link's peak "
+                       f"({self.gpu.pcie_peak_bytes_per_s / 1e9:.1f} GB/s, with a {COUNTER_MARGIN}x margin) allows "
+                       "in the time between reads")
+                self.missing.update(dict.fromkeys(("pcie_h2d_bytes", "pcie_h2d_gbps"), why))
+                return None
             return last["pcie_h2d_bytes"] - first["pcie_h2d_bytes"]
         if self.gpu.pcie_source == THROUGHPUT_SAMPLES:
             moved = integrate_rate(window, "pcie_h2d_bytes_per_s", first["t"], last["t"])

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .pcie import pcie_peak_bytes_per_s
+
 FIELD_COUNTERS = "field counters"  # cumulative byte counters (nvmlDeviceGetFieldValues), exact
 THROUGHPUT_SAMPLES = "throughput samples"  # KB/s over a 20 ms window per call (nvmlDeviceGetPcieThroughput)
 # NVML documents the throughput in "KB/s" without saying which K; taken as KiB like nvitop does.
@@ -25,6 +27,12 @@ THROUGHPUT_UNIT_BYTES = 1024
 COUNTERS = ("memory_used", "pcie_h2d", "power", "energy", "sm_clock", "memory_clock")  # what read() samples
 DESCRIBE_KEYS = ("name", "uuid", "pci_bus_id", "driver_version", "cuda_driver_version", "memory_total_bytes",
                  "pcie_generation", "pcie_generation_max", "pcie_width", "pcie_width_max")
+# How far past the link's peak a PCIe counter may move between two reads before the move is taken as impossible
+# (a wrap at the wrong width, a reset, a jump) and dropped. The counters may count the link's protocol bytes
+# as well as the payload (packet headers, acknowledgements, flow control, replays: tens of percent at most),
+# so 2x never drops a real transfer, while a false 64-bit wrap (1.8e19 bytes) is still millions of times over
+# the bound even for reads a minute apart.
+COUNTER_MARGIN = 2
 
 
 @dataclass(frozen=True)
@@ -127,16 +135,28 @@ class WrappingCounter:
 
     Reads must come less than one wrap apart: a 32-bit PCIe counter wraps every 4.3 GB, 86 ms at 50 GB/s,
     which the sampler's 10 ms keeps well inside; two reads a phase apart, without it, would not.
+    A move between two reads (after unwrapping) larger than COUNTER_MARGIN x `peak_bytes_per_s` allows in the
+    time between them cannot be bytes the link carried; it is dropped, not added, and counted in `dropped`.
     """
 
-    def __init__(self):
+    def __init__(self, peak_bytes_per_s: float):
+        self.peak_bytes_per_s = peak_bytes_per_s
         self.total = 0
-        self._last: int | None = None
+        self.dropped = 0  # moves the link could not have made, left out of `total`
+        self._last: tuple[int, float] | None = None  # (raw value, perf_counter seconds its read began)
 
-    def update(self, raw: int, bits: int | None) -> int:
+    def update(self, raw: int, bits: int | None, began: float, ended: float) -> int:
+        """Takes one read of the counter, which the hardware latched somewhere between perf_counter seconds
+        `began` and `ended`; returns the total. The counter moved between two latches for at most the time
+        from the previous read's start to this read's end, however long each read took."""
         if self._last is not None:
-            self.total += counter_delta(self._last, raw, bits)
-        self._last = raw
+            last, last_began = self._last
+            delta = counter_delta(last, raw, bits)
+            if delta <= COUNTER_MARGIN * self.peak_bytes_per_s * (ended - last_began):
+                self.total += delta
+            else:  # the counter does not advance for this interval; the next delta starts from `raw`
+                self.dropped += 1
+        self._last = raw, began
         return self.total
 
 
@@ -147,14 +167,17 @@ class NvmlDevice:
         self.nvml, self.handle = nvml, handle
         self._reasons: dict[str, str] = {}  # counter -> why this GPU cannot report it
         # A field value's valueType says which member of its union holds the value, so how wide the
-        # counter is and where it wraps; nvml.h says only "Value can be wrapped".
+        # counter is and where it wraps; nvml.h says only "Value can be wrapped". A driver whose valueType
+        # is wider than its counter makes each wrap look like 1.8e19 bytes: the link's peak bounds that out.
         self._field_types = {nvml.NVML_VALUE_TYPE_UNSIGNED_INT: ("uiVal", 32),
                              nvml.NVML_VALUE_TYPE_UNSIGNED_LONG: ("ulVal", 8 * ctypes.sizeof(ctypes.c_ulong)),
                              nvml.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG: ("ullVal", 64)}
         # nvml.h's field ids (older bindings lack the names; whether the driver knows them, it says per field)
         self._fields = [getattr(nvml, "NVML_FI_DEV_PCIE_COUNT_RX_BYTES", 198),
                         getattr(nvml, "NVML_FI_DEV_PCIE_COUNT_TX_BYTES", 197)]
-        self._h2d, self._d2h = WrappingCounter(), WrappingCounter()  # RX, TX: the GPU's directions
+        self.pcie_peak_bytes_per_s = self._link_peak()  # bounds how far a PCIe counter can move between reads
+        peak = self.pcie_peak_bytes_per_s
+        self._h2d, self._d2h = WrappingCounter(peak), WrappingCounter(peak)  # RX, TX: the GPU's directions
         self.counter_bits: int | None = None  # the width the PCIe field counters wrap at, once read
         self._lock = threading.Lock()  # the sampler thread and synchronous snapshots share the counters
         self._memory = self._probe_memory()
@@ -173,6 +196,17 @@ class NvmlDevice:
             self._reasons[counter] = f"NVML: {error}"
             return False
         return True
+
+    def _link_peak(self) -> float:
+        """pcie_peak_bytes_per_s of the widest, newest link this GPU in this slot can reach (the current one
+        narrows while the GPU idles); what NVML will not say is left to the function's ceiling."""
+        answers = []
+        for query in (self.nvml.nvmlDeviceGetMaxPcieLinkGeneration, self.nvml.nvmlDeviceGetMaxPcieLinkWidth):
+            try:
+                answers.append(query(self.handle))
+            except self.nvml.NVMLError:
+                answers.append(None)
+        return pcie_peak_bytes_per_s(*answers)
 
     def _probe_memory(self) -> dict | None:
         """Keyword arguments for nvmlDeviceGetMemoryInfo: v2 where binding and driver have it (its `used`
@@ -198,18 +232,22 @@ class NvmlDevice:
             return Missing(f"NVML: {fields}; throughput: {error}")
 
     def _read_fields(self) -> dict:
-        """The unwrapped PCIe byte totals. Raises NVMLError when the RX field cannot be read; TX, which
-        nothing here depends on, is left out when it cannot."""
+        """The unwrapped PCIe byte totals, and how many of the RX counter's moves were dropped as impossible
+        (WrappingCounter). Raises NVMLError when the RX field cannot be read; TX, which nothing here depends
+        on, is left out when it cannot."""
         nvml = self.nvml
         with self._lock:  # counter updates must see reads in order
+            began = time.perf_counter()
             rx, tx = nvml.nvmlDeviceGetFieldValues(self.handle, self._fields)
+            ended = time.perf_counter()
             if rx.nvmlReturn != nvml.NVML_SUCCESS:
                 raise nvml.NVMLError(rx.nvmlReturn)
             member, self.counter_bits = self._field_types.get(rx.valueType, ("ullVal", None))
-            totals = {"pcie_h2d_bytes": self._h2d.update(getattr(rx.value, member), self.counter_bits)}
+            totals = {"pcie_h2d_bytes": self._h2d.update(getattr(rx.value, member), self.counter_bits, began, ended),
+                      "pcie_h2d_dropped": self._h2d.dropped}
             if tx.nvmlReturn == nvml.NVML_SUCCESS:
                 member, bits = self._field_types.get(tx.valueType, ("ullVal", None))
-                totals["pcie_d2h_bytes"] = self._d2h.update(getattr(tx.value, member), bits)
+                totals["pcie_d2h_bytes"] = self._d2h.update(getattr(tx.value, member), bits, began, ended)
         return totals
 
     def supported(self) -> dict[str, str]:
@@ -245,8 +283,9 @@ class NvmlDevice:
 
     def read(self, throughput: bool = True) -> dict:
         """One sample: `t` (perf_counter seconds, the middle of the read), `memory_used_bytes` (the whole
-        GPU, every process), `pcie_h2d_bytes` / `pcie_d2h_bytes` (totals since this device opened) or
-        `pcie_h2d_bytes_per_s` (throughput fallback), `power_w`, `energy_j` (since the driver loaded),
+        GPU, every process), `pcie_h2d_bytes` / `pcie_d2h_bytes` (totals since this device opened, without the
+        moves the link could not have made; `pcie_h2d_dropped` counts RX's) or `pcie_h2d_bytes_per_s`
+        (throughput fallback), `power_w`, `energy_j` (since the driver loaded),
         `sm_clock_mhz`, `memory_clock_mhz`. A counter this GPU lacks is absent.
 
         throughput=False skips the throughput query, which blocks for its 20 ms window.

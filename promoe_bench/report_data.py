@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from .errors import UsageError
+from .pcie import lane_bytes_per_s
 from .results import load_run, load_timeline
 
 # verdict column -> which way is better; the first four come with a CI from statistics.csv
@@ -23,8 +24,6 @@ HARDWARE = ("nvml_peak_memory_bytes", "peak_rss_bytes")  # measured by counters 
 # layers.csv column -> its part of a layer's time (router apart: it is neither attention nor an expert)
 COMPONENTS = {"non_expert_s": "non-expert compute", "router_s": "router", "expert_s": "expert compute",
               "stall_s": "stall", "predict_s": "predictor"}
-# theoretical host-to-device GB/s per PCIe lane by generation, after line encoding
-PCIE_LANE_GBPS = {1: 0.25, 2: 0.5, 3: 0.985, 4: 1.969, 5: 3.938}
 
 
 @dataclass(frozen=True)
@@ -229,8 +228,8 @@ def link_peak_gbps(run: Run, label: str) -> float | None:
         except UsageError:  # a profile file that has since moved
             return None
     gpu = run.meta.get("environment", {}).get("gpu", {})
-    lane = PCIE_LANE_GBPS.get(gpu.get("pcie_generation_max"))
-    return lane * gpu["pcie_width_max"] if lane and gpu.get("pcie_width_max") else None
+    lane = lane_bytes_per_s(gpu.get("pcie_generation_max"))
+    return lane * gpu["pcie_width_max"] / 1e9 if lane and gpu.get("pcie_width_max") else None
 
 
 def link_rates(runs: list[Run]) -> pd.DataFrame:

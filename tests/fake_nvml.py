@@ -4,7 +4,8 @@ device functions that answer from FakeGpu objects instead of a driver.
 Each function has the real one's name and parameters (tests/test_nvml.py checks), returns what the real
 one returns (ctypes structures, str for strings, int for numbers) and fails the same way: NVMLError(code),
 which the real class turns into its subclass (NVMLError_NotSupported, ...). Field counters are stored in
-the ctypes member their valueType names, so a 32-bit counter wraps as the hardware's does.
+the ctypes member their valueType names, so a 32-bit counter wraps as the hardware's does, or at the narrower
+width `counter_bits` gives (a driver reporting a 32-bit counter as 64-bit).
 """
 
 from collections import Counter
@@ -15,6 +16,17 @@ import pynvml as real
 NOT_SUPPORTED = real.NVML_ERROR_NOT_SUPPORTED
 UINT, ULONGLONG = real.NVML_VALUE_TYPE_UNSIGNED_INT, real.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG
 RX, TX = real.NVML_FI_DEV_PCIE_COUNT_RX_BYTES, real.NVML_FI_DEV_PCIE_COUNT_TX_BYTES
+
+
+class FakeClock:
+    """perf_counter for promoe_bench.nvml (monkeypatch its `time`): reads take no time, and time moves only
+    when a test moves it."""
+
+    def __init__(self, now: float = 100.0):
+        self.now = now
+
+    def perf_counter(self) -> float:
+        return self.now
 
 
 @dataclass
@@ -30,6 +42,7 @@ class FakeGpu:
     rx_bytes: int = 0  # the PCIe field counters, before the counter width truncates them
     tx_bytes: int = 0
     counter_type: int = ULONGLONG  # the valueType the driver reports for both PCIe fields
+    counter_bits: int | None = None  # where the PCIe counters wrap when narrower than counter_type says
     rx_kb_per_s: int = 0  # nvmlDeviceGetPcieThroughput
     tx_kb_per_s: int = 0
     power_mw: int = 350_000
@@ -130,8 +143,9 @@ class FakeNvml:
             value.nvmlReturn = real.NVML_SUCCESS
             value.valueType = handle.counter_type
             member = {UINT: "uiVal", ULONGLONG: "ullVal"}[handle.counter_type]
+            raw = handle.rx_bytes if field_id == RX else handle.tx_bytes
             # ctypes keeps the low bits of a too-large int: the counter wraps at its width
-            setattr(value.value, member, handle.rx_bytes if field_id == RX else handle.tx_bytes)
+            setattr(value.value, member, raw if handle.counter_bits is None else raw % 2**handle.counter_bits)
         return values
 
     def nvmlDeviceGetPcieThroughput(self, device, counter):

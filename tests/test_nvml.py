@@ -7,9 +7,11 @@ import time
 from types import SimpleNamespace
 
 import pynvml
+import pytest
 import torch
 from click.testing import CliRunner
 
+from promoe_bench import nvml as nvml_module
 from promoe_bench.cli import main
 from promoe_bench.config import DEFAULT_LINK_GBPS, DEFAULT_LINK_LATENCY_US
 from promoe_bench.families import SUPPORTED_FAMILIES
@@ -20,13 +22,15 @@ from promoe_bench.nvml import (
     Missing,
     NvmlDevice,
     Sampler,
+    WrappingCounter,
     counter_delta,
     open_device,
     torch_identity,
 )
+from promoe_bench.pcie import pcie_peak_bytes_per_s
 from promoe_bench.provenance import gpu_environment
 
-from .fake_nvml import NOT_SUPPORTED, RX, TX, UINT, FakeGpu, FakeNvml
+from .fake_nvml import NOT_SUPPORTED, RX, TX, UINT, FakeClock, FakeGpu, FakeNvml
 
 CUDA0 = torch.device("cuda", 0)
 FIRST = FakeGpu(uuid="GPU-aaaaaaaa-0000-0000-0000-000000000000", pci=(0, 0x1B, 0))
@@ -44,6 +48,14 @@ def opened(**second) -> tuple[NvmlDevice, FakeNvml, FakeGpu]:
     device = open_device(CUDA0, fake, Identity(SECOND_UUID))
     assert isinstance(device, NvmlDevice), device
     return device, fake, gpu
+
+
+def clocked(monkeypatch, **second) -> tuple[NvmlDevice, FakeGpu, FakeClock]:
+    """opened(), on a fake clock: the PCIe counters are bounded by the time between reads."""
+    clock = FakeClock()
+    monkeypatch.setattr(nvml_module, "time", clock)
+    device, _, gpu = opened(**second)
+    return device, gpu, clock
 
 
 def test_the_fake_has_the_real_pynvml_functions_and_parameters():
@@ -124,14 +136,66 @@ def test_without_counters_or_throughput_pcie_is_missing_with_both_reasons():
     assert not any(key.startswith("pcie") for key in device.read())
 
 
-def test_a_32_bit_counter_that_wraps_keeps_counting():
-    device, _, gpu = opened(counter_type=UINT, rx_bytes=2**32 - 100)
+def test_a_32_bit_counter_that_wraps_keeps_counting(monkeypatch):
+    device, gpu, clock = clocked(monkeypatch, counter_type=UINT, rx_bytes=2**32 - 100)  # PCIe 5.0 x16: 63 GB/s
     assert device.read()["pcie_h2d_bytes"] == 0
     gpu.rx_bytes = 2**32 + 50  # the hardware's 32 bits read 50
+    clock.now += 0.001
     assert device.read()["pcie_h2d_bytes"] == 150  # 100 to the wrap, 50 after it
-    gpu.rx_bytes += 2**31
-    assert device.read()["pcie_h2d_bytes"] == 150 + 2**31
+    gpu.rx_bytes += 2**32 - 1  # a wrap less a byte, 4.3 GB in 80 ms: 54 GB/s, which the link can carry
+    clock.now += 0.08
+    sample = device.read()
+    assert (sample["pcie_h2d_bytes"], sample["pcie_h2d_dropped"]) == (150 + 2**32 - 1, 0)
     assert device.counter_bits == 32
+
+
+def test_a_32_bit_counter_reported_as_64_bit_that_wraps_is_dropped_not_counted_as_1_8e19_bytes(monkeypatch):
+    device, gpu, clock = clocked(monkeypatch, counter_bits=32, rx_bytes=2**32 - 100)  # valueType: 64-bit
+    device.read()
+    gpu.rx_bytes += 150  # the hardware's 32 bits read 50, which as 64 bits is 2**64 - 2**32 + 150 bytes on
+    clock.now += 0.01
+    sample = device.read()
+    assert (sample["pcie_h2d_bytes"], sample["pcie_h2d_dropped"]) == (0, 1)  # the interval adds nothing
+    gpu.rx_bytes += 1000
+    clock.now += 0.01
+    sample = device.read()
+    assert (sample["pcie_h2d_bytes"], sample["pcie_h2d_dropped"]) == (1000, 1)  # counting goes on from 50
+
+
+def test_a_counter_move_within_twice_the_links_peak_counts_and_one_beyond_it_is_dropped(monkeypatch):
+    # the widest, newest link the slot allows, not the one the idle GPU has dropped to (1.0 x16: 4 GB/s)
+    device, gpu, clock = clocked(monkeypatch, pcie_generation_max=4, pcie_width_max=8, pcie_generation=1)
+    assert device.pcie_peak_bytes_per_s == pytest.approx(15.75e9, rel=1e-3)  # 4.0 x8
+    device.read()
+    gpu.rx_bytes += 3_100_000_000  # 31 GB/s over 0.1 s: within twice the peak (protocol bytes count too)
+    clock.now += 0.1
+    assert device.read()["pcie_h2d_bytes"] == 3_100_000_000
+    gpu.rx_bytes += 3_200_000_000  # 32 GB/s: more than the link can carry
+    clock.now += 0.1
+    sample = device.read()
+    assert (sample["pcie_h2d_bytes"], sample["pcie_h2d_dropped"]) == (3_100_000_000, 1)
+    gpu.rx_bytes = 0  # a 64-bit counter that resets reads as 2**64 bytes less what it had counted
+    clock.now += 0.1
+    sample = device.read()
+    assert (sample["pcie_h2d_bytes"], sample["pcie_h2d_dropped"]) == (3_100_000_000, 2)
+
+
+def test_the_time_a_counter_may_move_runs_from_the_previous_read_starting_to_this_one_ending():
+    counter = WrappingCounter(peak_bytes_per_s=1000.0)  # with the 2x margin: 2000 bytes a second
+    counter.update(0, 64, began=0.0, ended=0.5)  # a slow read: the hardware latched anywhere in it
+    assert counter.update(2900, 64, began=1.0, ended=1.5) == 2900  # latched up to 1.5 s apart: 3000 bytes
+    assert counter.update(2900 + 2100, 64, began=2.0, ended=2.0) == 2900  # 1 s apart at most: 2000 bytes
+    assert counter.dropped == 1
+
+
+def test_the_links_peak_comes_from_its_generation_and_width_else_pcie_6_x16():
+    assert pcie_peak_bytes_per_s(1, 1) == pytest.approx(0.25e9)  # 2.5 GT/s, 8b/10b
+    assert pcie_peak_bytes_per_s(3, 16) == pytest.approx(15.754e9, rel=1e-4)  # 8 GT/s, 128b/130b
+    assert pcie_peak_bytes_per_s(5, 16) == pytest.approx(63.015e9, rel=1e-4)
+    assert pcie_peak_bytes_per_s(6, 16) == 128e9
+    assert pcie_peak_bytes_per_s(None, 16) == pcie_peak_bytes_per_s(5, None) == pcie_peak_bytes_per_s(7, 16) == 128e9
+    device, _, _ = opened(errors={"nvmlDeviceGetMaxPcieLinkWidth": NOT_SUPPORTED})
+    assert device.pcie_peak_bytes_per_s == 128e9
 
 
 def test_counter_delta_guesses_the_width_when_unknown():
