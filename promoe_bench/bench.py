@@ -276,11 +276,15 @@ def run(cfg: RunConfig) -> tuple[pd.DataFrame, Path]:
 
 def _model_info(loaded: LoadedModel) -> dict:
     store, report = loaded.store, loaded.report
+    # pinned_bytes against expert_store_bytes shows what pinning costs the host (torch's pinned allocator
+    # once took 1.5x); on the CPU nothing is pinned, and a 0 would read as a measurement
+    unmeasured = {} if store.pinned else {"pinned_bytes": "not pinned: copies go to the emulated link on the CPU"}
     return {
         "path": str(loaded.path), "family": loaded.config.model_type, "moe_layers": store.num_layers,
         "experts_per_layer": store.num_experts, "top_k": loaded.top_k, "expert_bytes": store.layout.nbytes,
         "dtype": str(store.layout.dtype).removeprefix("torch."), "tokenizer": loaded.tokenizer is not None,
         "checkpoint_bytes": report.checkpoint_bytes, "expert_store_bytes": store.nbytes,
+        "pinned_bytes": store.pinned_bytes if store.pinned else None, "unmeasured": unmeasured,
         "load_seconds": report.seconds, "load_peak_rss_over_checkpoint": report.peak_over_checkpoint,
     }
 
