@@ -23,7 +23,7 @@ class Entry:
         self.slot = slot  # index into the device slot pool
         self.chunks_ready = 0
         self.copying = True  # a copy task owns the slot until every chunk has landed
-        self.events: list = []  # per chunk, what compute waits on (CUDA events; None on CPU)
+        self.events: list = []  # per chunk on the link, its Transfer: what compute on a device waits on
         self.prefetched = prefetched  # brought in by a speculative (LOW) copy
         self.used = False  # computed with since it arrived
 

@@ -1,26 +1,40 @@
-"""The copy engine: one worker thread moving experts host -> device, as the copy scheduler says.
+"""The copy engine: experts moved host -> device as the copy scheduler says, a few chunks queued ahead.
 
 Which chunk moves next is the scheduler's (copy_scheduler.py, shared with the simulator); moving the
-bytes is the link's. This module adds the thread, the lock and the waiting: compute blocks in `wait`
-until the chunks it needs have landed, the worker until there is something it may move.
+bytes is the link's. This module adds the lock, the queue ahead and the waiting:
+- a chunk is issued to the link (put on its queue: a CUDA copy stream) by whichever thread makes it
+  movable: compute when it requests, releases or evicts, the worker when a chunk lands. Up to DEPTH
+  chunks are on the link at once, so the link goes from one chunk to the next without waiting for any
+  host thread, while a HIGH task still waits behind at most DEPTH chunks;
+- one worker thread waits for the oldest chunk on the link to land (`link.complete`), then tells the
+  cache, for eviction and the hit counts;
+- compute waits in `wait` until the chunks it needs are issued (when the link's `device_waits`: compute
+  then queues behind their events on the device) or have landed (on the CPU, where compute is the host).
 """
 
 import threading
+from collections import deque
 
 from .cache import Entry, ExpertCache
-from .copy_scheduler import CopyScheduler, Priority
+from .copy_scheduler import CopyScheduler, CopyTask, Priority
 from .expert_store import ExpertStore
 from .slot_pool import SlotPool
 
 __all__ = ["CopyEngine", "Priority"]
 
+DEPTH = 2  # chunks on the link at once: the one moving and one queued behind it
+
 
 class CopyEngine:
-    def __init__(self, store: ExpertStore, pool: SlotPool, cache: ExpertCache, link, record_chunks: bool = True):
-        """`record_chunks`: keep a timeline row per landed chunk."""
+    def __init__(self, store: ExpertStore, pool: SlotPool, cache: ExpertCache, link, record_chunks: bool = True,
+                 depth: int = DEPTH):
+        """`record_chunks`: keep a timeline row per landed chunk; `depth`: chunks on the link at once (1: a
+        HIGH task waits behind one chunk at most, but the link idles while the worker turns around)."""
         self.store, self.pool, self.cache, self.link = store, pool, cache, link
+        self.depth = depth
         self.scheduler = CopyScheduler(cache, store.num_layers, record_chunks=record_chunks)
         self.counters = self.scheduler.counters
+        self._on_link: deque[tuple[CopyTask, object]] = deque()  # (task, Transfer) issued, oldest first
         self._cv = threading.Condition()
         self._closed = False
         self._error: BaseException | None = None
@@ -32,16 +46,18 @@ class CopyEngine:
     def request(self, layer: int, expert: int, priority: Priority, chunked: bool = True) -> None:
         with self._cv:
             self.scheduler.request(layer, expert, priority, chunked)
-            self._cv.notify_all()
+            self._issue()
 
     def drop_low(self, layer: int) -> int:
         with self._cv:
-            return self.scheduler.drop_low(layer)
+            dropped = self.scheduler.drop_low(layer)
+            self._issue()  # a slot given back may let a queued task start
+            return dropped
 
     def evict(self, layer: int, expert: int) -> None:
         with self._cv:
             if self.scheduler.evict(layer, expert):
-                self._cv.notify_all()  # a task may be waiting for this slot
+                self._issue()  # a task may be waiting for this slot
 
     def begin_forward(self, layer: int, order: list[int], tokens: dict[int, int] | None = None) -> None:
         with self._cv:
@@ -51,23 +67,45 @@ class CopyEngine:
         with self._cv:
             self.cache.reorder(layer, order)
 
-    def wait(self, layer: int, expert: int, chunks: int) -> tuple[Entry, bool]:
-        """Block until `chunks` chunks of the expert have landed, and keep it from eviction until
-        `release`. Returns the entry and whether compute had to wait (a stall)."""
+    def all_resident(self, layer: int, experts: list[int]) -> bool:
+        """Every one of `experts` (the layer's current forward) has landed. Then none can leave before
+        `computed`: pending experts are no eviction candidates, and only an expert compute awaits may
+        take a pending one's slot, which none will be."""
         with self._cv:
-            stalled = False
-            while (entry := self.scheduler.need(layer, expert, chunks)) is None:
-                stalled = True
-                self._raise_worker_error()
-                self._cv.notify_all()  # the worker may now claim a slot as a last resort, or copy a refetch
-                self._cv.wait()
-            return entry, stalled
+            entries = self.cache.entries(layer)
+            return all((entry := entries.get(e)) is not None and entry.ready for e in experts)
+
+    def wait(self, layer: int, expert: int, chunks: int) -> tuple[Entry, bool]:
+        """Block until `chunks` chunks of the expert are issued (`link.device_waits`) or have landed, and
+        keep it from eviction until `release`. Returns the entry and whether they had landed when asked
+        (if not, compute waits: on the device behind `entry.events[chunks - 1]`, or it has waited here)."""
+        issued = self.link.device_waits
+        with self._cv:
+            entry = self.scheduler.need(layer, expert, chunks, issued)
+            landed = entry is not None and entry.chunks_ready >= chunks
+            while entry is None:
+                self._issue()  # a copy `need` queued, or the last-resort slot it allows
+                entry = self.scheduler.need(layer, expert, chunks, issued)
+                if entry is None:
+                    self._raise_worker_error()
+                    self._cv.wait()
+                    entry = self.scheduler.need(layer, expert, chunks, issued)
+            return entry, landed
 
     def release(self, layer: int, expert: int) -> None:
         with self._cv:
             self.scheduler.release(layer, expert)
-            if self.scheduler.busy:  # a queued copy may be waiting for this slot; else waking the worker costs a switch
-                self._cv.notify_all()
+            if self.scheduler.busy:  # a queued copy may be waiting for this slot
+                self._issue()
+
+    def computed(self, layer: int, experts: list[int]) -> None:
+        """The layer's `experts` have done their work in this forward, in this order (the path on which
+        compute took no wait, so none was marked in use)."""
+        with self._cv:
+            for expert in experts:
+                self.scheduler.release(layer, expert)
+            if self.scheduler.busy:
+                self._issue()
 
     def take_counters(self) -> tuple[list[int], list[int], list[int], list[int], list[dict]]:
         """The scheduler's counters since the last call."""
@@ -82,31 +120,39 @@ class CopyEngine:
             self._raise_worker_error()
 
     def close(self) -> None:
+        """Stop the worker once the chunks on the link have landed (their slots' memory must outlive them)."""
         with self._cv:
             self._closed = True
             self._cv.notify_all()
         self._worker.join()
 
-    # -- the worker ------------------------------------------------------------------------------
+    # -- the link's queue ----------------------------------------------------------------------
+
+    def _issue(self) -> None:
+        """Put chunks on the link while it holds fewer than `depth` and one can move (the lock is held)."""
+        while not self._closed and len(self._on_link) < self.depth and (pick := self.scheduler.next_chunk()):
+            task, chunk = pick
+            slot = task.entry.slot
+            transfer = self.link.issue(self.pool.chunk(slot, chunk), self.store.chunk(task.layer, task.expert, chunk),
+                                       self.pool.released_event(slot))
+            self.scheduler.issued(task, transfer)
+            self._on_link.append((task, transfer))
+            self._cv.notify_all()  # the worker waits for work on the link; compute perhaps for this chunk
 
     def _run(self) -> None:
         try:
             while True:
-                waited = False
                 with self._cv:
-                    while not self._closed and (pick := self.scheduler.next_chunk()) is None:
-                        waited = True
+                    while not self._on_link and not self._closed:
                         self._cv.wait()
-                    if self._closed:
-                        return
-                task, chunk = pick
-                src = self.store.chunk(task.layer, task.expert, chunk)
-                dst = self.pool.chunk(task.entry.slot, chunk)
-                # a chunk found at once was waiting since its request (or since the previous chunk landed)
-                transfer = self.link.copy(dst, src, self.pool.released_event(task.entry.slot),
-                                          ready_ns=None if waited else task.queued_ns)
+                    if not self._on_link:
+                        return  # closed, and nothing left on the link
+                    task, transfer = self._on_link[0]
+                landed = self.link.complete(transfer)  # blocks this thread only, without the lock
                 with self._cv:
-                    self.scheduler.landed(task, src.numel() * src.element_size(), transfer)
+                    self._on_link.popleft()
+                    self.scheduler.landed(task, landed)
+                    self._issue()
                     self._cv.notify_all()
         except BaseException as error:  # surface worker failures in the compute thread, never hang it
             with self._cv:

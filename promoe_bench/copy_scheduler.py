@@ -1,16 +1,18 @@
-"""What the copy worker moves next, and the bookkeeping when a chunk lands: HIGH before LOW, chunk by chunk.
+"""What the link moves next, and the bookkeeping when a chunk is issued and when it lands: HIGH before LOW,
+chunk by chunk.
 
-Pure state, no threads and no clock, so that the runtime's copy engine (a worker thread moving real
-bytes) and the simulator's (a link modelled in simulated time) schedule exactly alike. Callers
-serialise access (the engine holds its lock). A task is one expert; the worker re-picks after every
-chunk of a chunked task, so a HIGH task waits at most one chunk behind a LOW one. An unchunked task
-moves the expert's three chunks back to back and shows them to compute only when all have landed
-(the ablation of chunking).
+Pure state, no threads and no clock, so that the runtime's copy engine (real bytes on a real or emulated
+link) and the simulator's (a link modelled in simulated time) schedule exactly alike. Callers serialise
+access (the engine holds its lock). A task is one expert. Its chunks are first issued to the link (put on
+its queue: compute may then wait for them on a device) and later land (the cache knows they are there).
+The next chunk is picked anew after every chunk of a chunked task, so a HIGH task waits only behind the
+chunks already on the link's queue. An unchunked task moves the expert's three chunks back to back and
+shows them to compute only when all have been issued (on a device) or landed (the ablation of chunking).
 """
 
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum
 
 from .cache import NUM_CHUNKS, Entry, ExpertCache
@@ -31,10 +33,17 @@ class CopyTask:
     expert: int
     priority: Priority
     chunked: bool
-    entry: Entry | None = None  # claimed when the worker starts the task
-    cancelled: bool = False  # dropped while its chunk was on the link: forgotten once it lands
+    entry: Entry | None = None  # claimed when its first chunk is picked
+    cancelled: bool = False  # dropped with chunks on the link: forgotten once they have landed
     dropped: bool = False  # dropped by early preemption, before or while being copied
     queued_ns: int = 0  # when it was requested, on the scheduler's clock
+    issued: list = field(default_factory=list)  # the links' Transfers of its chunks put on the link so far
+    landed: int = 0  # of those, how many have landed
+
+    @property
+    def on_link(self) -> bool:
+        """Some chunk of it is issued and has not landed yet."""
+        return len(self.issued) > self.landed
 
 
 @dataclass
@@ -60,7 +69,7 @@ class CopyScheduler:
         self._queues = (deque(), deque())  # by priority, HIGH first
         self._tasks: dict[tuple[int, int], CopyTask] = {}
         self.awaited: tuple[int, int] | None = None  # what compute is blocked on
-        self.active: CopyTask | None = None  # the task whose chunk is on the link now
+        self.active: CopyTask | None = None  # an unchunked task part of whose chunks are issued: it goes on
 
     @property
     def busy(self) -> bool:
@@ -89,12 +98,12 @@ class CopyScheduler:
             self._queues[priority].append(task)
 
     def drop_low(self, layer: int) -> int:
-        """Drop `layer`'s LOW tasks; a partly copied expert gives its slot back (an unchunked one on the
-        link lands whole first, then goes). Returns how many."""
+        """Drop `layer`'s LOW tasks; a partly copied expert gives its slot back once its chunks on the link
+        have landed (an unchunked one lands whole first, then goes). Returns how many."""
         dropped = [t for t in self._queues[LOW] if t.layer == layer and not t.cancelled]
         for task in dropped:
             task.dropped = True
-            if task is self.active:
+            if task.on_link or task is self.active:
                 task.cancelled = True
             else:
                 self._forget(task)
@@ -110,15 +119,16 @@ class CopyScheduler:
         self.cache.evictions[layer] += 1
         return True
 
-    def need(self, layer: int, expert: int, chunks: int) -> Entry | None:
+    def need(self, layer: int, expert: int, chunks: int, issued: bool = False) -> Entry | None:
         """Compute needs `chunks` chunks of the expert: keep it from eviction until `release`; the entry
-        once they have landed, else None, having made sure a copy is on its way (an expert nobody asked
-        for, or that lost its slot, is requested HIGH) and marked it awaited (it may take a slot
+        once they have landed (`issued`: once they are on the link, for compute that waits for them on the
+        device, behind `entry.events`), else None, having made sure a copy is on its way (an expert nobody
+        asked for, or that lost its slot, is requested HIGH) and marked it awaited (it may take a slot
         another expert of the forward is waiting for, as a last resort)."""
         key = (layer, expert)
         self.cache.in_use.add(key)
         entry = self.cache.lookup(layer, expert)
-        if entry is not None and entry.chunks_ready >= chunks:
+        if entry is not None and (entry.chunks_ready >= chunks or issued and len(entry.events) >= chunks):
             if self.awaited == key:
                 self.awaited = None
             return entry
@@ -134,25 +144,22 @@ class CopyScheduler:
         self.cache.in_use.discard((layer, expert))
         self.cache.computed(layer, expert)
 
-    # -- the worker's side -----------------------------------------------------------------------
+    # -- the link's side ---------------------------------------------------------------------------
 
     def next_chunk(self) -> tuple[CopyTask, int] | None:
-        """The chunk to move now: the rest of an unchunked task on the link, else the first chunk not
-        yet landed of the first HIGH task, else of the first LOW task, that has or can claim a slot.
+        """The chunk to put on the link now: the next of an unchunked task under way, else the first chunk
+        not yet issued of the first HIGH task, else of the first LOW task, that has or can claim a slot.
         None when nothing can move now. A task whose layer has no slot to give right now lets the ones
         behind it go first (compute may be waiting on one of those), and is retried later."""
-        task = self.active
-        if task is None:
-            task = self._pick()
-            if task is None:
-                return None
-            self.active = task
-        return task, len(task.entry.events)
+        task = self.active or self._pick()
+        return (task, len(task.issued)) if task is not None else None
 
     def _pick(self) -> CopyTask | None:
         full = set()  # layers that gave no slot in this pick: whether one can depends on the layer alone
         for queue in self._queues:
             for task in queue:
+                if task.cancelled or len(task.issued) == NUM_CHUNKS:  # nothing of it left to issue
+                    continue
                 if task.entry is None:
                     last_resort = self.awaited == (task.layer, task.expert)
                     if task.layer in full and not last_resort:
@@ -164,28 +171,38 @@ class CopyScheduler:
                     return task
         return None
 
-    def landed(self, task: CopyTask, nbytes: int, transfer) -> None:
-        """A chunk of `task` landed (`transfer`: the link's Transfer): publish it and, when the task is
-        done or was dropped, retire it."""
+    def issued(self, task: CopyTask, transfer) -> None:
+        """The chunk `next_chunk` gave is on the link (`transfer`: the link's Transfer): publish it to
+        compute, which on a device may queue behind it (an unchunked task's, once all three are on the
+        link, each as the last one: compute sees whole experts only)."""
+        task.issued.append(transfer)
+        whole = len(task.issued) == NUM_CHUNKS
+        if task.chunked:
+            task.entry.events.append(transfer)
+        elif whole:
+            task.entry.events.extend([transfer] * NUM_CHUNKS)
+        self.active = task if not (task.chunked or whole) else None
+
+    def landed(self, task: CopyTask, transfer) -> None:
+        """The oldest chunk of `task` on the link has landed (`transfer`: its final Transfer): count it and,
+        when the task is done or was dropped, retire it."""
         entry = task.entry
-        entry.events.append(transfer.landed)
-        self.counters.bytes[task.layer] += nbytes
+        task.landed += 1
+        self.counters.bytes[task.layer] += transfer.nbytes
         if self.record_chunks:
             self._landed.append({**event(None, task.layer, "copy", "chunk", transfer.start, transfer.end,
-                                         bytes=nbytes, expert=task.expert, priority=task.priority.name,
+                                         bytes=transfer.nbytes, expert=task.expert, priority=task.priority.name,
                                          queued_s=task.queued_ns), "task": task})
-        if task.chunked or len(entry.events) == NUM_CHUNKS:  # unchunked: compute sees whole experts only
-            entry.chunks_ready = len(entry.events)
-        finished = entry.ready or (task.cancelled and task.chunked)
-        if task.cancelled and finished:
-            self._forget(task)
+        if task.chunked or task.landed == NUM_CHUNKS:  # unchunked: compute sees whole experts only
+            entry.chunks_ready = task.landed
+        if task.cancelled:
+            if not task.on_link and (task.chunked or entry.ready):
+                self._forget(task)
         elif entry.ready:
             entry.copying = False
             self.counters.copies[task.layer] += 1
             self._queues[task.priority].remove(task)
             del self._tasks[(task.layer, task.expert)]
-        if finished or task.chunked:
-            self.active = None
 
     def _forget(self, task: CopyTask) -> None:
         self._queues[task.priority].remove(task)

@@ -29,17 +29,19 @@ class SimClock:
     def __init__(self):
         self.now = 0.0
 
-    def stamp(self) -> float:
+    def stamp(self, stream=None) -> float:
         return self.now
+
+    begin_step = stamp
+
+    def end_step(self, end: float) -> None:
+        pass
 
     def at(self, stamp: float) -> float:
         return stamp
 
     def host_at(self, ns: int) -> float:
         return ns * 1e-9
-
-    def sync(self) -> None:
-        pass
 
 
 class _Copy:
@@ -48,10 +50,10 @@ class _Copy:
 
     __slots__ = ("task", "pieces", "next", "end", "finish")
 
-    def __init__(self, task, pieces: list[tuple[int, float, float]]):
-        self.task, self.pieces, self.next = task, pieces, 0  # pieces: (bytes, start, end)
-        self.end = pieces[0][2]  # when the next chunk lands
-        self.finish = pieces[-1][2]  # when the last one lands: nothing else can land before it
+    def __init__(self, task, pieces: list[Transfer]):
+        self.task, self.pieces, self.next = task, pieces, 0
+        self.end = pieces[0].end  # when the next chunk lands
+        self.finish = pieces[-1].end  # when the last one lands: nothing else can land before it
 
 
 class SimulatedLink:
@@ -72,8 +74,9 @@ class SimulatedLink:
         task, first = pick
         pieces = []
         for chunk in range(first, first + 1 if task.chunked else NUM_CHUNKS):
-            pieces.append((self.chunk_bytes[chunk], at, at + self.chunk_s[chunk]))
-            at = pieces[-1][2]
+            pieces.append(Transfer(None, at, at + self.chunk_s[chunk], self.chunk_bytes[chunk]))
+            self.scheduler.issued(task, pieces[-1])
+            at = pieces[-1].end
         self.inflight = _Copy(task, pieces)
 
     def advance(self, now: float) -> None:
@@ -81,16 +84,16 @@ class SimulatedLink:
         if inflight is not None and inflight.end > now:
             return  # the common case, kept cheap: the link is busy past now
         while inflight is not None and inflight.end <= now:
-            nbytes, start, end = inflight.pieces[inflight.next]
+            piece = inflight.pieces[inflight.next]
             inflight.next += 1
-            self.bytes += nbytes
-            self.scheduler.landed(inflight.task, nbytes, Transfer(None, start, end))
+            self.bytes += piece.nbytes
+            self.scheduler.landed(inflight.task, piece)
             if inflight.next == len(inflight.pieces):
                 self.inflight = None
-                self._start(end)
+                self._start(piece.end)
                 inflight = self.inflight
             else:
-                inflight.end = inflight.pieces[inflight.next][2]
+                inflight.end = inflight.pieces[inflight.next].end
         if inflight is None and self.scheduler.busy:
             self._start(now)  # compute may have made something movable
 
@@ -188,13 +191,11 @@ class Simulation:
 
     # -- a forward -------------------------------------------------------------------------------
 
-    def _wait(self, layer: int, expert: int, chunks: int) -> bool:
+    def _wait(self, layer: int, expert: int, chunks: int) -> None:
         start = self.clock.now
-        stalled = self.link.wait(layer, expert, chunks)
-        if stalled:
+        if self.link.wait(layer, expert, chunks):
             self.clock.now += self.costs.wake_s
-            self.recorder.stall(layer, start, self.clock.now)
-        return stalled
+            self.recorder.waited(layer, expert, start, self.clock.now)
 
     def forward(self, f: int, **context) -> float:
         """Replay forward `f` of the log (`context` holds the repeat, which measured costs depend on);
@@ -226,7 +227,6 @@ class Simulation:
                 assert len(order) == len(routed) and set(order) == tokens.keys(), \
                     f"{strategy.name} must run each routed expert once"
                 self.cache.reorder(layer, order)
-            late = set()
             for expert in order:
                 seconds = costs.expert_s(layer, expert, tokens[expert])
                 # the fast path of most accesses: a resident expert, and a link that stays quiet while it
@@ -237,21 +237,20 @@ class Simulation:
                     start = clock.now
                     clock.now += seconds
                     if recorder.detail:
-                        recorder.expert(layer, expert, start, clock.now)
+                        recorder.expert(layer, expert, start)
                     self.cache.computed(layer, expert)
                     continue
-                stalled = self._wait(layer, expert, 2)  # gate and up landed; down may still be copying
+                self._wait(layer, expert, 2)  # gate and up landed; down may still be copying
                 start = recorder.stamp()
                 clock.now += seconds * 2 / 3  # gate and up: two of the three matrices
-                if self._wait(layer, expert, 3) or stalled:
-                    late.add(expert)
+                self._wait(layer, expert, 3)
                 clock.now += seconds / 3
-                recorder.expert(layer, expert, start, recorder.stamp())
+                recorder.expert(layer, expert, start)
                 self.link.advance(clock.now)
                 self.scheduler.release(layer, expert)
                 self.link.advance(clock.now)  # the freed slot may let a waiting copy start now
             strategy.after_layer(self, layer, order)
-            recorder.experts_end(layer, late, self.cache.occupied_slots() * self.shape.expert_bytes)
+            recorder.experts_end(layer, self.cache.occupied_slots() * self.shape.expert_bytes)
             recorder.block_end(layer)
         clock.now += costs.head_s()
         self.link.advance(clock.now)

@@ -14,7 +14,9 @@ class SlotPool:
         self.device = device
         self.buffer = torch.empty(num_slots, layout.numel, dtype=layout.dtype, device=device)
         self._views = [layout.chunk_views(self.buffer[slot]) for slot in range(num_slots)]
-        # On CUDA, the event after the last compute that read a slot: a copy into it must wait for it.
+        # On CUDA, the stream compute reads slots on, and per slot the event after the last compute queued
+        # there that read it: a copy into the slot must wait for it.
+        self._compute = torch.cuda.current_stream(device) if device.type == "cuda" else None
         self._released = [None] * num_slots
 
     def chunk(self, slot: int, chunk: int) -> torch.Tensor:
@@ -32,11 +34,13 @@ class SlotPool:
             return None
         return self.buffer[slot, : 2 * self.layout.intermediate * self.layout.hidden].view(-1, self.layout.hidden)
 
-    def mark_released(self, slot: int) -> None:
-        if self.device.type == "cuda":
+    def mark_released(self, slots) -> None:
+        """Compute queued so far is all that reads `slots` (one event for all of them)."""
+        if self._compute is not None:
             event = torch.cuda.Event()
-            event.record()
-            self._released[slot] = event
+            event.record(self._compute)
+            for slot in slots:
+                self._released[slot] = event
 
     def released_event(self, slot: int):
         return self._released[slot]

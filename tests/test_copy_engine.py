@@ -35,31 +35,38 @@ def identity(chunk_values: torch.Tensor) -> tuple[int, int, int]:
 
 
 class ScriptedLink:
-    """Copies for real and records (layer, expert, chunk) in the order the worker started them.
+    """Copies for real and records (layer, expert, chunk) in the order chunks were put on the link.
 
-    While `held`, every copy announces itself and waits for a permit, so a test can keep the
-    worker on a chunk, change the queues, then let it go."""
+    While `held`, the worker, on each chunk it waits for, announces it and waits for a permit, so a
+    test can keep the chunk on the link, change the queues, then let it land."""
+
+    device_waits = False
 
     def __init__(self, held=False):
         self.log = []
         self.held = held
+        self.landing = None  # the chunk the worker waits for now
         self._arrived = threading.Semaphore(0)
         self._permits = threading.Semaphore(0)
 
-    def copy(self, dst, src, after=None, ready_ns=None):
-        start = time.perf_counter_ns()
+    def issue(self, dst, src, after=None):
         self.log.append(identity(src))
+        return Transfer(None, time.perf_counter_ns(), None, src.numel() * src.element_size(), (dst, src))
+
+    def complete(self, transfer):
+        dst, src = transfer.pending
         if self.held:
+            self.landing = identity(src)
             self._arrived.release()
             if not self._permits.acquire(timeout=TIMEOUT):
                 raise TimeoutError("test never let the held chunk through")
         dst.copy_(src)
-        return Transfer(None, start, time.perf_counter_ns())
+        return Transfer(None, transfer.start, time.perf_counter_ns(), transfer.nbytes)
 
     def next_held(self) -> tuple[int, int, int]:
         """Wait until the worker is held on a chunk; that chunk."""
         assert self._arrived.acquire(timeout=TIMEOUT), "the worker never reached the link"
-        return self.log[-1]
+        return self.landing
 
     def let_one_through(self) -> None:
         self._permits.release()
@@ -73,7 +80,14 @@ class ScriptedLink:
 
 
 class FailingLink:
-    def copy(self, dst, src, after=None, ready_ns=None):
+    """A link that goes down while the first chunk is on it."""
+
+    device_waits = False
+
+    def issue(self, dst, src, after=None):
+        return Transfer(None, 0, None, src.numel() * src.element_size())
+
+    def complete(self, transfer):
         raise OSError("link went down")
 
 
@@ -91,16 +105,18 @@ def make_store(num_layers, num_experts):
 
 @pytest.fixture
 def make_engine():
-    """make_engine(link, num_layers=2, num_experts=8, capacity=2, cache_cls=ExpertCache) -> namespace;
-    closed at teardown."""
+    """make_engine(link, num_layers=2, num_experts=8, capacity=2, cache_cls=ExpertCache, depth=1) -> namespace;
+    closed at teardown. One chunk on the link at a time by default: the scheduling tests assert the exact
+    order chunks go on the link, which a queue ahead would shift by a chunk; the queue's own tests and
+    the stress tests run at the engine's DEPTH."""
     made = []
 
-    def make(link, num_layers=2, num_experts=8, capacity=2, cache_cls=ExpertCache):
+    def make(link, num_layers=2, num_experts=8, capacity=2, cache_cls=ExpertCache, depth=1):
         store = make_store(num_layers, num_experts)
         pool = SlotPool(num_layers * capacity, LAYOUT, torch.device("cpu"))
         chunk_bytes = tuple(LAYOUT.chunk_numel(c) * LAYOUT.dtype.itemsize for c in range(3))
         cache = cache_cls(num_layers, capacity, LRU(num_layers), chunk_bytes)
-        engine = CopyEngine(store, pool, cache, link)
+        engine = CopyEngine(store, pool, cache, link, depth=depth)
         made.append((engine, link))
         return SimpleNamespace(store=store, pool=pool, cache=cache, engine=engine, link=link)
 
@@ -180,8 +196,8 @@ def test_chunks_land_one_at_a_time_and_wait_returns_after_the_ones_asked_for(mak
     assert thread.is_alive()  # one chunk is not enough
     t.link.let_one_through()
     finish(thread)
-    entry, stalled = outcome["value"]
-    assert stalled and entry.chunks_ready >= 2
+    entry, landed = outcome["value"]
+    assert not landed and entry.chunks_ready >= 2
     t.link.open()
     idle(t)
     t.engine.release(0, 3)
@@ -433,8 +449,8 @@ def test_evict_wakes_a_task_waiting_for_a_slot(make_engine):
 def test_wait_requests_an_expert_nobody_asked_for(make_engine):
     t = make_engine(ScriptedLink())
     t.engine.begin_forward(1, [4])
-    entry, stalled = call(t.engine.wait, 1, 4, NUM_CHUNKS)
-    assert stalled and entry.ready
+    entry, landed = call(t.engine.wait, 1, 4, NUM_CHUNKS)
+    assert not landed and entry.ready
     assert t.engine.counters.refetches == 1
     assert holds_expert(t, 1, 4)
     t.engine.release(1, 4)
@@ -445,8 +461,8 @@ def test_wait_on_a_ready_expert_does_not_stall(make_engine):
     t.engine.request(0, 2, HIGH)
     idle(t)
     t.engine.begin_forward(0, [2])
-    entry, stalled = call(t.engine.wait, 0, 2, NUM_CHUNKS)
-    assert not stalled and entry is t.cache.lookup(0, 2)
+    entry, landed = call(t.engine.wait, 0, 2, NUM_CHUNKS)
+    assert landed and entry is t.cache.lookup(0, 2)
     t.engine.release(0, 2)
     assert t.engine.counters.refetches == 0
     assert (0, 2) not in t.cache.in_use

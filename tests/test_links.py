@@ -1,5 +1,7 @@
-"""The emulated link's pacing, on a fake clock: a chunk that was waiting starts on paper when the link is
-free, not when the worker thread gets round to it; one that was not waiting starts when it is called."""
+"""The emulated link's pacing, on a fake clock: a queue on paper, like a copy engine's. A chunk issued while
+the link is busy starts when the chunk before it is due, however late the worker completes it; one
+issued on an idle link starts at its issue; a chunk lands no earlier than it is due.
+"""
 
 import pytest
 import torch
@@ -46,41 +48,41 @@ def seconds(transfer) -> float:
     return (transfer.end - transfer.start) * 1e-9
 
 
-def test_a_chunk_the_worker_found_waiting_lands_one_nominal_copy_after_the_previous(clock, link_and_buffers):
+def test_chunks_issued_behind_one_another_run_back_to_back_however_late_the_worker(clock, link_and_buffers):
     link, dst, src = link_and_buffers
-    first = link.copy(dst, src)
-    assert seconds(first) == pytest.approx(NOMINAL_S, abs=2e-6)
-    last = first
+    first = link.issue(dst, src)
+    second = link.issue(dst, src)  # queued behind the first
+    landed = link.complete(first)
+    assert seconds(landed) == pytest.approx(NOMINAL_S, abs=2e-6)
+    last = second
     for _ in range(4):
         clock.sleep(TURNAROUND_S)  # the worker landing, locking and picking on a busy machine
-        last = link.copy(dst, src, ready_ns=first.start)
-    # back to back on paper: the turnaround is paid back, the link runs at its set bandwidth
-    assert (last.end - first.end) * 1e-9 == pytest.approx(4 * NOMINAL_S, abs=5e-6)
-    assert link.counters.copies == 5 and link.counters.bytes == 5 * NBYTES
+        link.complete(last)
+        last = link.issue(dst, src)  # issued while the one before it is still on the link
+    last = link.complete(last)
+    # back to back on paper: the worker's turnarounds cost the link nothing
+    assert (last.end - landed.end) * 1e-9 == pytest.approx(5 * NOMINAL_S, abs=5e-6)
+    assert link.counters.copies == 6 and link.counters.bytes == 6 * NBYTES
+    assert torch.equal(dst, src)
 
 
-def test_a_chunk_requested_during_the_turnaround_starts_at_its_request(clock, link_and_buffers):
+def test_a_chunk_issued_on_an_idle_link_starts_at_its_issue(clock, link_and_buffers):
     link, dst, src = link_and_buffers
-    first = link.copy(dst, src)
-    clock.sleep(TURNAROUND_S)
-    requested = clock.perf_counter_ns()  # after the previous chunk was due: the link sat idle until then
-    clock.sleep(TURNAROUND_S)
-    second = link.copy(dst, src, ready_ns=requested)
-    assert (second.end - requested) * 1e-9 == pytest.approx(NOMINAL_S, abs=2e-6)
-    assert second.end > first.end + NOMINAL_S * 1e9
-
-
-def test_a_chunk_that_was_not_waiting_takes_its_nominal_time_from_its_call(clock, link_and_buffers):
-    link, dst, src = link_and_buffers
-    link.copy(dst, src)
-    clock.sleep(TURNAROUND_S)
-    second = link.copy(dst, src)  # the worker had been idle: no credit
+    first = link.complete(link.issue(dst, src))
+    clock.sleep(TURNAROUND_S)  # the link sat idle
+    issued_at = clock.perf_counter_ns()
+    second = link.complete(link.issue(dst, src))
+    assert second.start == issued_at
     assert seconds(second) == pytest.approx(NOMINAL_S, abs=2e-6)
+    assert second.start > first.end
 
 
-def test_the_credit_for_a_late_worker_is_bounded(clock, link_and_buffers):
+def test_a_chunk_never_lands_before_it_is_due_and_a_late_completion_lands_late(clock, link_and_buffers):
     link, dst, src = link_and_buffers
-    first = link.copy(dst, src)
-    clock.sleep(0.05)  # a worker 50 ms late: the link would have been idle most of it
-    second = link.copy(dst, src, ready_ns=first.start)
-    assert seconds(second) == pytest.approx(NOMINAL_S - EmulatedLink.MAX_CREDIT_S, abs=2e-6)
+    transfer = link.issue(dst, src)
+    assert link.complete(transfer).end >= transfer.end  # the worker slept until it was due
+    late = link.issue(dst, src)
+    clock.sleep(0.05)  # the worker 50 ms late: the chunk lands when it is completed, not on paper
+    landed = link.complete(late)
+    assert landed.end == clock.perf_counter_ns() and landed.end > late.end
+    assert link.counters.busy_s == pytest.approx(NOMINAL_S + seconds(landed), abs=1e-9)

@@ -11,20 +11,10 @@ from promoe_bench import nvml as nvml_module
 from promoe_bench.links import EmulatedLink, LinkCounters
 from promoe_bench.meter import FIELDS, PhaseMeter, integrate_rate
 
-from .fake_nvml import NOT_SUPPORTED, RX, FakeGpu, FakeNvml
+from .fake_nvml import NOT_SUPPORTED, RX, FakeClock, FakeGpu, FakeNvml
 
 CUDA0 = torch.device("cuda", 0)
 UUID = "GPU-bbbbbbbb-0000-0000-0000-000000000000"
-
-
-class FakeClock:
-    """perf_counter for promoe_bench.nvml: time moves only when a test moves it."""
-
-    def __init__(self, now: float = 100.0):
-        self.now = now
-
-    def perf_counter(self) -> float:
-        return self.now
 
 
 @pytest.fixture
@@ -56,10 +46,10 @@ def test_on_the_cpu_the_meter_measures_rss_and_the_link_and_says_why_the_rest_is
     link = EmulatedLink(gbps=50, latency_us=0)
     src, dst = torch.ones(2**18), torch.empty(2**18)  # 1 MiB
     with PhaseMeter(torch.device("cpu"), link) as meter:
-        link.copy(dst, src)  # before the phase: not counted
+        link.complete(link.issue(dst, src))  # before the phase: not counted
         meter.begin("decode")
-        link.copy(dst, src)
-        link.copy(dst, src)
+        link.complete(link.issue(dst, src))
+        link.complete(link.issue(dst, src))
         row = meter.end(tokens=2)
     assert list(row) == list(FIELDS)
     assert row["phase"] == "decode" and row["tokens"] == 2
@@ -172,3 +162,24 @@ def test_samples_cover_the_run_in_time_order_snapshots_included(monkeypatch, fak
     assert times == [100.0, 101.0, 101.5, 102.5]
     assert [s["pcie_h2d_bytes"] for s in meter.samples] == [0, 10, 10, 20]
     assert {s["memory_used_bytes"] for s in meter.samples} == {gpu.memory_used}
+
+
+def test_a_phase_whose_pcie_counter_moved_more_than_the_link_allows_is_missing_with_why(monkeypatch, fake_cuda):
+    clock = FakeClock()
+    monkeypatch.setattr(nvml_module, "time", clock)
+    fake, gpu = gpus(counter_bits=32, rx_bytes=2**32 - 1000)  # a 32-bit counter its driver calls 64-bit
+    meter = PhaseMeter(CUDA0, fake_link(), fake)  # PCIe 5.0 x16: 63.0 GB/s
+    meter.begin("prefill")
+    gpu.rx_bytes += 3000  # wraps: read as 64 bits, 2**64 - 2**32 + 3000 bytes in a second
+    clock.now += 1.0
+    prefill = meter.end(tokens=10)
+    meter.begin("decode")
+    gpu.rx_bytes += 5000
+    clock.now += 1.0
+    decode = meter.end(tokens=1)
+    meter.close()
+    assert (prefill["pcie_h2d_bytes"], prefill["pcie_h2d_gbps"]) == (None, None)  # not 1.8e19, not 0
+    assert (decode["pcie_h2d_bytes"], decode["pcie_h2d_gbps"]) == (5000, 5e-6)
+    why = ("1 PCIe counter read dropped: the counter moved more than the link's peak (63.0 GB/s, with a 2x margin) "
+           "allows in the time between reads")
+    assert meter.missing == {"pcie_h2d_bytes": why, "pcie_h2d_gbps": why}

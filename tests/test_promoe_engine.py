@@ -416,17 +416,17 @@ def test_stress_strategy_forward_loop(make_strategy_engine, spec, capacity, rout
                 assert sorted(order) == sorted(experts) and len(set(order)) == len(order)
                 t.engine.begin_forward(layer, order)
                 for expert in order:
-                    entry, stalled = t.engine.wait(layer, expert, 2)
+                    entry, landed = t.engine.wait(layer, expert, 2)
                     assert torch.equal(t.pool.buffer[entry.slot, :GATE_UP_END],
                                        t.store.expert(layer, expert)[:GATE_UP_END]), "torn gate/up"
-                    entry, stalled_down = t.engine.wait(layer, expert, NUM_CHUNKS)
+                    entry, landed_down = t.engine.wait(layer, expert, NUM_CHUNKS)
                     assert torch.equal(t.pool.buffer[entry.slot], t.store.expert(layer, expert)), "lost or torn copy"
                     assert t.cache.lookup(layer, expert) is entry
                     for ly in range(num_layers):
                         assert len(t.cache.residents(ly)) <= capacity
                     t.engine.release(layer, expert)
                     counts["waits"] += 1
-                    counts["stalls"] += stalled or stalled_down
+                    counts["stalls"] += not (landed and landed_down)
                 strategy.after_layer(env, layer, order)
         t.engine.idle()
 
