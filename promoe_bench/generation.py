@@ -36,10 +36,13 @@ def generate(model, input_ids: torch.Tensor, gen_len: int, runtime, attention_ma
              keep_logits: bool = False, meter=None, **context) -> Generation:
     """Greedy-decode `gen_len` tokens after `input_ids` [B, P]; `runtime` records every step."""
     cache = DynamicCache(config=model.config)
-    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(input_ids.device)
+    if attention_mask is None:
+        attention_mask = torch.ones(input_ids.shape, dtype=torch.long)
+    # read on the host before the mask moves to the device, where reading it would wait for the device
+    prompt_tokens, padded = int(attention_mask.sum()), not bool(attention_mask.all())
+    mask = attention_mask.to(input_ids.device)
     positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)  # [B, P]: padding does not count
     tokens, logits, seconds, phases = [], [], [], []
-    prompt_tokens = int(mask.sum())
     next_input = input_ids
     for step in range(gen_len):
         if meter is not None and step <= 1:  # between steps: never inside a timed one
@@ -47,7 +50,9 @@ def generate(model, input_ids: torch.Tensor, gen_len: int, runtime, attention_ma
                 phases.append(meter.end(prompt_tokens))
             meter.begin("prefill" if step == 0 else "decode")
         runtime.begin_step(**context, phase="prefill" if step == 0 else "decode", step=step)
-        out = model(input_ids=next_input, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
+        # without padding the mask says nothing: left out, transformers need not test it on the host each step
+        out = model(input_ids=next_input, attention_mask=mask if padded else None, position_ids=positions,
+                    cache=cache, use_cache=True)
         step_logits = out.logits[:, -1, :]  # [B, V]
         next_token = step_logits.argmax(dim=-1, keepdim=True)  # [B, 1]
         seconds.append(runtime.finish_step())

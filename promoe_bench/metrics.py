@@ -1,11 +1,11 @@
 """Per-layer, per-step measurements of one generation, taken with a clock that does not stall the device.
 
-On CUDA a stamp is an event recorded on the current stream, resolved once at the end of the step; on
-the CPU it is perf_counter_ns. Two outputs:
+On CUDA a stamp is an event recorded on a stream of the run's device, resolved once at the end of the
+step; on the CPU it is perf_counter_ns. Two outputs:
 - `rows`, one per (step, layer): the rows of layers.csv;
 - `timeline`, one per event (columns `timeline.COLUMNS`): the rows of timeline.csv.gz.
-With `detail=False` only the step's own start and end are stamped (layer timings are blank and the
-timeline empty): what the instrumentation-overhead benchmark compares against.
+With `detail=False` only the step's own start and end, and waits for copies, are stamped (layer
+timings are blank and the timeline empty): what the instrumentation-overhead benchmark compares against.
 """
 
 import math
@@ -18,54 +18,69 @@ from .timeline import event
 
 
 class Clock:
-    """One time base for a run: stamps become seconds since the clock was made (`at`)."""
+    """One time base for a run: stamps become seconds since the clock was made (`at`).
+
+    On CUDA, a step's stamps are read against the step's own first stamp: CUDA gives event times as
+    float32 milliseconds, which from the run's start would resolve only about 8 us after 100 s of run.
+    Only where the step lies on the run's axis takes that rounding, never a span inside it."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
-        if self.cuda:  # every event of the run is measured from this one (events of any stream compare)
-            self._origin = torch.cuda.Event(enable_timing=True)
-            self._origin.record()
-            self._origin.synchronize()
+        if self.cuda:  # every event of the run is placed from this one (events of any stream compare)
+            self._stream = torch.cuda.current_stream(device)  # compute's
+            self._origin = self.stamp()
+            self._origin.synchronize()  # host sync, once per runtime: ties the host's clock to the device's
+            self._step_origin, self._step_offset = self._origin, 0.0
         # host times (when a copy was queued) use this origin; on CUDA it is the origin event's moment,
         # give or take the microseconds of a synchronize
         self.host_origin_ns = time.perf_counter_ns()
 
-    def stamp(self):
+    def stamp(self, stream=None):
+        """Now, on compute's stream (or `stream`, of the same device)."""
         if not self.cuda:
             return time.perf_counter_ns()
         stamp = torch.cuda.Event(enable_timing=True)
-        stamp.record()
+        stamp.record(stream or self._stream)
         return stamp
 
+    def begin_step(self):
+        """The step's first stamp, which its other stamps are read against."""
+        stamp = self.stamp()
+        if self.cuda:
+            self._step_origin = stamp
+        return stamp
+
+    def end_step(self, end) -> None:
+        """The step ended with stamp `end`: wait until it has completed, so that every stamp of the step
+        (compute's, and the chunks it waited for) can be read. Copies still on the link are not waited for."""
+        if self.cuda:
+            end.synchronize()  # host sync: a step's times are known once the step is done, once per step
+            self._step_offset = self._origin.elapsed_time(self._step_origin) * 1e-3
+
     def at(self, stamp) -> float:
-        """Seconds since the origin; a CUDA stamp must have completed (after `sync`)."""
+        """Seconds since the origin; a CUDA stamp must have completed (after `end_step`), and may lie
+        before the step's origin (a copy that started in an earlier step)."""
         if not self.cuda:
             return (stamp - self.host_origin_ns) * 1e-9
-        return self._origin.elapsed_time(stamp) * 1e-3  # elapsed_time is in ms
+        return self._step_offset + self._step_origin.elapsed_time(stamp) * 1e-3  # elapsed_time is in ms
 
     def host_at(self, perf_counter_ns: int) -> float:
         return (perf_counter_ns - self.host_origin_ns) * 1e-9
-
-    def sync(self) -> None:
-        """End of a timed region: the device has finished everything stamped so far."""
-        if self.cuda:
-            torch.cuda.synchronize()
 
 
 class _LayerStamps:
     """One layer's stamps and facts in the current step (a plain class: a simulator makes millions)."""
 
-    __slots__ = ("block_start", "router_end", "experts_end", "block_end", "stalls", "experts", "predictions",
-                 "routed", "hits", "late", "predicted", "predict_s", "occupied_bytes")
+    __slots__ = ("block_start", "router_end", "experts_end", "block_end", "waits", "experts", "predictions",
+                 "routed", "hits", "predicted", "predict_s", "occupied_bytes")
 
     def __init__(self):
         self.block_start = self.router_end = self.experts_end = self.block_end = None
-        self.stalls: list = []  # (start, end) pairs around waits for copies
+        self.waits: list = []  # (expert, start, end): compute reached a wait for a copy at start, went on at end
         self.experts: list = []  # (expert, start, end) of each expert's compute
         self.predictions: list = []  # (target, start, end) of predictions made from here
         self.routed: tuple = ()  # distinct experts in routing order
         self.hits = 0
-        self.late: frozenset = frozenset()  # routed experts compute had to wait for
         self.predicted: tuple | None = None  # what a predictor guessed for this layer, when one did
         self.predict_s = 0.0  # spent predicting later layers from this layer's input (host time)
         self.occupied_bytes = 0  # bytes of cache slots in use when the layer's experts were done
@@ -89,14 +104,14 @@ class StepRecorder:
         self._step_start = None
         self._context: dict = {}
 
-    def stamp(self):
-        """A detail stamp: None when only steps are timed."""
-        return self.clock.stamp() if self.detail else None
+    def stamp(self, stream=None):
+        """A detail stamp (on compute's stream, or `stream`): None when only steps are timed."""
+        return self.clock.stamp(stream) if self.detail else None
 
     def begin_step(self, **context) -> None:
         self._context = context
         self._layers = [_LayerStamps() for _ in range(self.num_layers)]
-        self._step_start = self.clock.stamp()
+        self._step_start = self.clock.begin_step()
 
     def block_start(self, layer: int) -> None:
         self._layers[layer].block_start = self.stamp()
@@ -106,12 +121,17 @@ class StepRecorder:
         stamps.router_end = self.stamp()
         stamps.routed, stamps.hits = tuple(routed), hits
 
-    def stall(self, layer: int, start, end) -> None:
-        self._layers[layer].stalls.append((start, end))
+    def waited(self, layer: int, expert: int, start, end) -> None:
+        """Compute reached a wait for a copy of `expert` at stamp `start` and could go on at `end` (on a
+        device, the chunk's landing: compute stalled only if that came after `start`)."""
+        self._layers[layer].waits.append((expert, start, end))
 
-    def expert(self, layer: int, expert: int, start, end) -> None:
+    def expert(self, layer: int, expert: int, start):
+        """`expert` computed from stamp `start` until now; returns now's stamp (the next expert's start)."""
+        end = self.stamp()
         if self.detail:
             self._layers[layer].experts.append((expert, start, end))
+        return end
 
     def predicted(self, source: int, target: int, experts: list[int], seconds: float, start=None, end=None) -> None:
         earlier = self._layers[target].predicted or ()  # several sources may guess one target: the union
@@ -120,10 +140,9 @@ class StepRecorder:
         if self.detail:
             self._layers[source].predictions.append((target, start, end))
 
-    def experts_end(self, layer: int, late: set[int], occupied_bytes: int) -> None:
+    def experts_end(self, layer: int, occupied_bytes: int) -> None:
         stamps = self._layers[layer]
         stamps.experts_end = self.stamp()
-        stamps.late = frozenset(late)
         stamps.occupied_bytes = occupied_bytes
 
     def block_end(self, layer: int) -> None:
@@ -134,7 +153,7 @@ class StepRecorder:
         """Resolve the step's stamps into rows (one device sync); `chunks` are the copy engine's records
         of chunks landed since the previous step. Returns the step's seconds."""
         step_end = self.clock.stamp()
-        self.clock.sync()
+        self.clock.end_step(step_end)
         at = self.clock.at
         step_start = at(self._step_start)
 
@@ -143,7 +162,9 @@ class StepRecorder:
 
         previous_end = self._step_start
         for layer, stamps in enumerate(self._layers):
-            stall = sum(span(a, b) for a, b in stamps.stalls)  # NaN when waits were not timed
+            stalls = [(expert, max(span(start, end), 0.0)) for expert, start, end in stamps.waits]
+            stall = sum(seconds for _, seconds in stalls)
+            late = {expert for expert, seconds in stalls if seconds > 0}  # routed experts compute waited for
             routed, predicted = stamps.routed, stamps.predicted
             right = set(predicted) & set(routed) if predicted is not None else None
             # a tuple per row (dicts only when asked for): a simulator makes millions of rows
@@ -151,9 +172,9 @@ class StepRecorder:
                                span(stamps.block_start, stamps.router_end),
                                span(stamps.router_end, stamps.experts_end) - stall, stall, routed, stamps.hits,
                                len(routed) - stamps.hits, copies[layer], nbytes[layer], evictions[layer],
-                               len(routed) - len(stamps.late), predicted,
+                               len(routed) - len(late), predicted,
                                len(right) if right is not None else None,
-                               len(right - stamps.late) if right is not None else None, stamps.predict_s,
+                               len(right - late) if right is not None else None, stamps.predict_s,
                                wasted[layer]))
             if self.detail:
                 self._layer_events(layer, stamps, previous_end)
@@ -207,8 +228,10 @@ class StepRecorder:
         self._event(step, layer, "compute", "router", at(stamps.block_start), at(stamps.router_end))
         for expert, start, end in stamps.experts:
             self._event(step, layer, "compute", "expert", at(start), at(end), expert=expert)
-        for start, end in stamps.stalls:
-            self._event(step, layer, "compute", "stall", at(start), at(end))
+        for _, start, end in stamps.waits:
+            start_s, end_s = at(start), at(end)
+            if end_s > start_s:  # on a device, a wait for a chunk that had landed by then took no time
+                self._event(step, layer, "compute", "stall", start_s, end_s)
         for target, start, end in stamps.predictions:
             self._event(step, layer, "predictor", "predict", at(start), at(end), target=target)
         end = at(stamps.experts_end)

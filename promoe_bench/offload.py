@@ -16,6 +16,7 @@ from transformers.integrations.moe import ExpertsInterface
 from .cache import ExpertCache
 from .checkpoint import LoadedModel
 from .copy_engine import CopyEngine, Priority
+from .dispatch import Dispatch
 from .environment import ModelShape
 from .metrics import Clock, StepRecorder
 from .predictors import FROM_TRACE, GatePredictor, rank, trace_guess
@@ -53,8 +54,10 @@ class OffloadRuntime:
         self.trace = trace
         self.predictors = {"gate": GatePredictor(loaded.layers), **(predictors or {})}
         self._positions = [0] * store.num_layers  # forwards routed so far, per layer
-        self._inputs: list = [None] * store.num_layers  # each layer's input in the current forward
-        self._predict_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._inputs: list = [None] * store.num_layers  # each layer's input while its block runs
+        cuda = device.type == "cuda"
+        self._compute_stream = torch.cuda.current_stream(device) if cuda else None
+        self._predict_stream = torch.cuda.Stream(device) if cuda else None
         chunk_bytes = tuple(store.layout.chunk_numel(c) * store.layout.dtype.itemsize for c in range(3))
         self.cache = ExpertCache(store.num_layers, capacity, strategy.eviction_policy(self), chunk_bytes)
         self.pool = SlotPool(store.num_layers * capacity, store.layout, device)
@@ -95,7 +98,7 @@ class OffloadRuntime:
         for the result, to queue the copies). CPU: nothing to move off."""
         if self._predict_stream is None:
             return contextlib.nullcontext()
-        self._predict_stream.wait_stream(torch.cuda.current_stream())
+        self._predict_stream.wait_stream(self._compute_stream)
         return torch.cuda.stream(self._predict_stream)
 
     def position(self, layer: int) -> int:
@@ -112,10 +115,11 @@ class OffloadRuntime:
             stamps += (self.recorder.stamp(),)
         else:
             with self._off_compute_stream():  # stamped on the predictor's stream
-                stamps = (self.recorder.stamp(),)
+                stamps = (self.recorder.stamp(self._predict_stream),)
                 picks, probs = self.predictors[predictor](layer, target, self._inputs[layer])
+                stamps += (self.recorder.stamp(self._predict_stream),)
+                # host sync, one per prediction: the host queues the copies of the experts it names
                 ranked = rank(picks, probs, self.shape.num_experts, min_prob)
-                stamps += (self.recorder.stamp(),)
         self.recorder.predicted(layer, target, ranked, time.perf_counter() - start, *stamps)
         return ranked
 
@@ -148,13 +152,14 @@ class OffloadRuntime:
     def _block_hook(self, layer: int):
         def hook(module, args, output):
             self.recorder.block_end(layer)
+            self._inputs[layer] = None  # its predictions are made: T x H of activations less to hold
 
         return hook
 
     def forward_experts(self, layer, module, hidden_states, top_k_index, top_k_weights):
         # hidden_states [T, H], top_k_index / top_k_weights [T, K]
-        # tolist() is a device->host sync: the host must know the routed experts to copy them.
-        chosen = top_k_index.flatten().tolist()
+        # host sync, the one of the layer: the host must know the routed experts to copy the missing ones
+        chosen = top_k_index.flatten().tolist()  # [T*K]
         routed = list(dict.fromkeys(chosen))
         tokens = Counter(chosen) if len(top_k_index) > 1 else None  # how many tokens chose each expert
         if self.routing_log is not None:
@@ -162,35 +167,40 @@ class OffloadRuntime:
         hits = sum(self.is_resident(layer, e) for e in routed)
         self.recorder.router_end(layer, routed, hits)
         self._positions[layer] += 1
-        # the routed experts are this forward's before the strategy requests any copy: a copy the worker
-        # starts at once must not evict one of them to make room
+        # the routed experts are this forward's before the strategy requests any copy: a copy that starts
+        # at once must not evict one of them to make room
         self.engine.begin_forward(layer, routed, tokens)
         order = self.strategy.on_router(self, layer, routed)
         if order is not routed:  # reordered: the order only, nothing movable changes
             assert sorted(order) == sorted(routed), f"{self.strategy.name} must run each routed expert once"
             self.engine.reorder(layer, order)
-        output = torch.zeros_like(hidden_states)
-        late = set()  # experts compute had to wait for
-        for expert in order:
-            token_idx, k_pos = torch.where(top_k_index == expert)  # [n], [n]
-            entry, stalled = self._wait(layer, expert, 2)  # gate and up landed; down may still be copying
+        dispatch = Dispatch(chosen, hidden_states, top_k_index, top_k_weights)
+        if self.engine.all_resident(layer, order):  # the hit path: no waits, no engine call per expert
+            entries, slots = self.cache.entries(layer), []
             start = self.recorder.stamp()
-            slot = entry.slot
-            gate_up = self._gate_up(slot, module, hidden_states[token_idx])  # [n, 2I]
-            if self._wait(layer, expert, 3)[1] or stalled:
-                late.add(expert)
-            down, down_bias = self.pool.views(slot)[2]
-            hidden = module._apply_gate(gate_up)  # [n, I]
-            out = hidden @ down if module.is_transposed else F.linear(hidden, down)  # [n, H]
-            if down_bias is not None:
-                out = out + down_bias
-            output.index_add_(0, token_idx, (out * top_k_weights[token_idx, k_pos, None]).to(output.dtype))
-            self.recorder.expert(layer, expert, start, self.recorder.stamp())
-            self.pool.mark_released(slot)
-            self.engine.release(layer, expert)
+            for expert in order:
+                slots.append(entries[expert].slot)
+                dispatch.add(expert, self._expert(slots[-1], module, dispatch.inputs(expert)))
+                start = self.recorder.expert(layer, expert, start)
+            self.pool.mark_released(slots)
+            self.engine.computed(layer, order)
+        else:
+            for expert in order:
+                entry = self._wait(layer, expert, 2)  # gate and up landed; down may still be copying
+                start = self.recorder.stamp()
+                gate_up = self._gate_up(entry.slot, module, dispatch.inputs(expert))  # [n, 2I]
+                self._wait(layer, expert, 3)
+                dispatch.add(expert, self._down(entry.slot, module, gate_up))
+                self.recorder.expert(layer, expert, start)
+                self.pool.mark_released((entry.slot,))
+                self.engine.release(layer, expert)
         self.strategy.after_layer(self, layer, order)
-        self.recorder.experts_end(layer, late, self.cache.occupied_slots() * self.shape.expert_bytes)
-        return output
+        self.recorder.experts_end(layer, self.cache.occupied_slots() * self.shape.expert_bytes)
+        return dispatch.combine()
+
+    def _expert(self, slot, module, x):
+        """One expert's output for `x` [n, H]: [n, H]."""
+        return self._down(slot, module, self._gate_up(slot, module, x))
 
     def _gate_up(self, slot, module, x):
         """Gate and up projections of `x` [n, H] laid out as the family's `_apply_gate` expects."""
@@ -206,14 +216,28 @@ class OffloadRuntime:
             return torch.cat(projections, dim=-1)
         return torch.stack(projections, dim=-1).flatten(-2)  # interleaved: g0 u0 g1 u1 ...
 
+    def _down(self, slot, module, gate_up):
+        """The gate applied to `gate_up` [n, 2I], then the down projection: [n, H]."""
+        down, down_bias = self.pool.views(slot)[2]
+        hidden = module._apply_gate(gate_up)  # [n, I]
+        out = hidden @ down if module.is_transposed else F.linear(hidden, down)
+        return out + down_bias if down_bias is not None else out
+
     def _wait(self, layer, expert, chunks):
-        start = self.recorder.stamp()
-        entry, stalled = self.engine.wait(layer, expert, chunks)
-        if entry.events[chunks - 1] is not None:  # CUDA: compute queues behind the chunk's copy event
-            torch.cuda.current_stream().wait_event(entry.events[chunks - 1])
-        if stalled:
-            self.recorder.stall(layer, start, self.recorder.stamp())
-        return entry, stalled
+        """The expert's entry once compute may use `chunks` of its chunks, each wait for a copy recorded."""
+        if self.link.device_waits:  # compute queues behind the chunk's copy on the device; the host goes on
+            entry, landed = self.engine.wait(layer, expert, chunks)
+            if not landed:
+                transfer = entry.events[chunks - 1]
+                start = self.recorder.clock.stamp()
+                self._compute_stream.wait_event(transfer.landed)
+                self.recorder.waited(layer, expert, start, transfer.end)
+            return entry
+        start = time.perf_counter_ns()
+        entry, landed = self.engine.wait(layer, expert, chunks)  # the host waits until they have landed
+        if not landed:
+            self.recorder.waited(layer, expert, start, time.perf_counter_ns())
+        return entry
 
     # -- steps -----------------------------------------------------------------------------------
 

@@ -143,8 +143,9 @@ def rank(picks, probs, num_experts: int, min_prob: float = 0.0) -> list[int]:
     """Per-token guesses [T, K] and their probabilities (torch or numpy; a pick of -1 is no guess) -> the
     experts guessed for the batch with at least `min_prob`, most votes first, then the most probable (for
     one token, whose guesses all have one vote: the surest first, so the likeliest copy starts first)."""
-    if isinstance(picks, torch.Tensor):
-        picks, probs = picks.cpu().numpy(), probs.float().cpu().numpy()
+    if isinstance(picks, torch.Tensor):  # one copy to the host: expert ids are exact as float32 (below 2**24)
+        both = torch.cat([picks.float(), probs.float()], dim=-1).cpu().numpy()  # [T, 2K]
+        picks, probs = both[:, : picks.shape[-1]].astype(numpy.int64), both[:, picks.shape[-1] :]
     if len(picks) == 1:  # a decode step: sorting its few guesses beats counting votes over every expert
         guesses = zip(probs[0].tolist(), picks[0].tolist(), strict=True)
         return [e for p, e in sorted(guesses, key=lambda pe: (-pe[0], pe[1])) if e >= 0 and p >= min_prob]

@@ -22,17 +22,23 @@ def untrained_predictors(loaded, distances=(1, 2, 3), width=16) -> LearnedPredic
     return LearnedPredictors(mlps, loaded.top_k, meta={})
 
 
-def run_generation(loaded, spec: str, input_ids, gen_len: int, cache_rate: float = 0.5, link=None,
-                   attention_mask=None, predictors: LearnedPredictors | None = None):
-    """Generate under `spec`; a strategy that reads the routing gets it from a full_gpu pass first."""
+def make_runtime(loaded, spec: str, input_ids, gen_len: int, cache_rate: float = 0.5, link=None,
+                 attention_mask=None, predictors: LearnedPredictors | None = None) -> OffloadRuntime:
+    """A runtime for `spec`; a strategy that reads the routing gets it from a full_gpu pass first."""
     strategy = parse(spec)
     trace = None
     if strategy.needs_trace:
         _, full = run_generation(loaded, "full_gpu", input_ids, gen_len, attention_mask=attention_mask)
         trace = RoutingTrace.from_layer_rows(pd.DataFrame(full.recorder.rows))
-    runtime = OffloadRuntime(loaded, strategy, strategy_capacity(strategy, loaded, cache_rate, None),
-                             link or EmulatedLink(**FAST_LINK), torch.device("cpu"),
-                             {"learned": predictors} if predictors is not None else None, trace)
+    return OffloadRuntime(loaded, strategy, strategy_capacity(strategy, loaded, cache_rate, None),
+                          link or EmulatedLink(**FAST_LINK), torch.device("cpu"),
+                          {"learned": predictors} if predictors is not None else None, trace)
+
+
+def run_generation(loaded, spec: str, input_ids, gen_len: int, cache_rate: float = 0.5, link=None,
+                   attention_mask=None, predictors: LearnedPredictors | None = None):
+    """Generate under `spec`, keeping the logits: the result and the (closed) runtime."""
+    runtime = make_runtime(loaded, spec, input_ids, gen_len, cache_rate, link, attention_mask, predictors)
     try:
         result = generate(loaded.model, input_ids, gen_len, runtime, attention_mask=attention_mask,
                           keep_logits=True, strategy=spec, batch=0)

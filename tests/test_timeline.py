@@ -115,6 +115,6 @@ def test_without_detail_only_steps_are_timed(loaded):
     plain, full = pd.DataFrame(runtime.recorder.rows), pd.DataFrame(detailed.recorder.rows)
     assert plain["non_expert_s"].isna().all()
     waited = plain["ready"] < plain["routed"].map(lambda r: len(str(r).split()))
-    assert waited.any() and plain["stall_s"].isna().equals(waited)  # untimed waits: missing; no wait: 0 s
+    assert waited.any() and (plain["stall_s"] > 0).equals(waited)  # waits for copies are timed all the same
     for counter in ("hits", "misses", "bytes", "copies"):  # counting does not depend on timing
         assert plain[counter].tolist() == full[counter].tolist()
