@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from promoe_bench.cache import NUM_CHUNKS, ExpertCache
-from promoe_bench.copy_engine import CopyEngine, Priority
+from promoe_bench.copy_engine import DEPTH, CopyEngine, Priority
 from promoe_bench.expert_store import ExpertLayout, ExpertStore
 from promoe_bench.links import EmulatedLink, Transfer
 from promoe_bench.policies import LRU
@@ -523,6 +523,92 @@ def test_promoted_partly_copied_expert_is_not_stuck_behind_a_blocked_high_task(m
     assert t.link.copied(0, 2) == [0, 1, 2]
 
 
+# -- the link's queue (the engine's DEPTH) ---------------------------------------------------------
+
+
+class DeviceLink(ScriptedLink):
+    """A scripted link whose compute waits on the device, as CUDA's does: it may go on once a chunk is
+    issued, queued behind its event."""
+
+    device_waits = True
+
+
+def test_a_chunk_is_queued_behind_the_one_on_the_link_so_the_link_never_waits_for_the_worker(make_engine):
+    t = make_engine(ScriptedLink(held=True), depth=DEPTH)
+    t.engine.request(0, 1, LOW)
+    assert t.link.next_held() == (0, 1, 0)
+    assert t.link.log == [(0, 1, 0), (0, 1, 1)]  # the second chunk was issued before the first landed
+    t.link.let_one_through()
+    assert t.link.next_held() == (0, 1, 1)
+    assert t.link.log == [(0, 1, 0), (0, 1, 1), (0, 1, 2)]  # and the third as soon as the first landed
+    t.link.open()
+    idle(t)
+    assert holds_expert(t, 0, 1)
+
+
+def test_a_high_task_waits_behind_at_most_the_chunks_already_on_the_link(make_engine):
+    t = make_engine(ScriptedLink(held=True), depth=DEPTH)
+    t.engine.request(0, 1, LOW)
+    t.engine.request(0, 2, LOW)
+    assert t.link.next_held() == (0, 1, 0)
+    t.engine.request(1, 4, HIGH)
+    t.link.open()
+    idle(t)
+    assert t.link.log[:DEPTH + 3] == [(0, 1, 0), (0, 1, 1), (1, 4, 0), (1, 4, 1), (1, 4, 2)]
+    assert all(holds_expert(t, ly, e) for ly, e in [(0, 1), (0, 2), (1, 4)])
+
+
+def test_compute_on_a_device_goes_on_once_the_chunks_are_issued_behind_their_events(make_engine):
+    t = make_engine(DeviceLink(held=True), depth=DEPTH)
+    t.engine.begin_forward(0, [3])
+    t.engine.request(0, 3, HIGH)
+    assert t.link.next_held() == (0, 3, 0)
+    entry, landed = call(t.engine.wait, 0, 3, 2)  # chunks 0 and 1 are on the link: no host wait
+    assert not landed and entry.chunks_ready == 0
+    assert [identity(event.pending[1]) for event in entry.events] == [(0, 3, 0), (0, 3, 1)]
+    thread, outcome = in_thread(t.engine.wait, 0, 3, 3)
+    thread.join(0.2)
+    assert thread.is_alive(), "the third chunk is not on the link yet: the link holds two"
+    t.link.let_one_through()
+    finish(thread)
+    entry, landed = outcome["value"]
+    assert not landed and identity(entry.events[2].pending[1]) == (0, 3, 2)
+    t.link.open()
+    t.engine.release(0, 3)
+    idle(t)
+    assert holds_expert(t, 0, 3)
+
+
+def test_an_unchunked_expert_is_shown_to_compute_on_a_device_as_one_whole(make_engine):
+    t = make_engine(DeviceLink(held=True), depth=DEPTH)
+    t.engine.begin_forward(0, [3])
+    t.engine.request(0, 3, HIGH, chunked=False)
+    assert t.link.next_held() == (0, 3, 0)
+    thread, outcome = in_thread(t.engine.wait, 0, 3, 2)
+    thread.join(0.2)
+    assert thread.is_alive(), "two of its chunks on the link are not the whole expert"
+    t.link.let_one_through()
+    finish(thread)
+    entry, _ = outcome["value"]
+    assert [identity(event.pending[1]) for event in entry.events] == [(0, 3, 2)] * 3  # all wait for the last
+    t.link.open()
+    t.engine.release(0, 3)
+    idle(t)
+
+
+def test_close_lets_the_chunks_on_the_link_land_first(make_engine):
+    t = make_engine(ScriptedLink(held=True), depth=DEPTH)
+    t.engine.request(0, 1, HIGH)
+    assert t.link.next_held() == (0, 1, 0)
+    thread, _ = in_thread(t.engine.close)
+    thread.join(0.2)
+    assert thread.is_alive(), "a slot's memory must outlive the copy into it"
+    t.link.open()
+    t.link.let_one_through()  # the second chunk already on the link
+    finish(thread)
+    assert t.cache.lookup(0, 1).chunks_ready == 2  # the third was never issued
+
+
 # -- failures -------------------------------------------------------------------------------------
 
 
@@ -573,7 +659,7 @@ def run_with_watchdog(fn, timeout):
 def test_stress_random_requests_drops_and_forwards(make_engine, random_high, extra_routed, capacity, link_kind, seed):
     num_layers, num_experts = 3, 8
     link = EmulatedLink(gbps=1000, latency_us=0) if link_kind == "emulated" else ScriptedLink()
-    t = make_engine(link, num_layers=num_layers, num_experts=num_experts, capacity=capacity)
+    t = make_engine(link, num_layers=num_layers, num_experts=num_experts, capacity=capacity, depth=DEPTH)
     rng = random.Random(seed)
     gate_up_end = LAYOUT.chunk_bounds(1)[1]
 
