@@ -1,5 +1,6 @@
 """`promoe-bench run`: every strategy on the same prompts and seed, one run folder for all of them."""
 
+import contextlib
 import dataclasses
 import datetime
 from dataclasses import dataclass
@@ -11,7 +12,7 @@ from tqdm import tqdm
 
 from . import provenance, timeline
 from .checkpoint import LoadedModel, load_checkpoint
-from .config import RunConfig, cache_capacity
+from .config import DEVICE_RESERVE, RunConfig, cache_capacity
 from .errors import UsageError
 from .generation import generate, left_pad
 from .links import CudaLink, EmulatedLink
@@ -102,7 +103,7 @@ def run_strategy(loaded: LoadedModel, strategy, capacity: int, cfg: RunConfig, d
     gen_len = cfg.workload.output_tokens
     requests, steps, tokens, phases = [], [], [], []
     try:
-        with torch_threads(compute_threads(device)):
+        with torch_threads(compute_threads(device)), on_device(device):
             for repeat in range(cfg.warmup + cfg.repeats):  # warm-up repeats first, recorded but flagged
                 tokens = []
                 for number, batch in enumerate(batches):
@@ -138,15 +139,55 @@ def routing_trace(strategy_run: StrategyRun) -> RoutingTrace:
     return RoutingTrace.from_layer_rows(layers[layers["repeat"] == layers["repeat"].max()])
 
 
-def record_routing(loaded: LoadedModel, cfg: RunConfig, device, batches: list[Batch], predictors: dict | None = None,
-                   routing_log: RoutingLogBuilder | None = None) -> StrategyRun:
-    """A full_gpu pass over the workload, unreported, for strategies that read the routing (and, given a
-    builder, to record the routing log with `predictors`' guesses)."""
+def on_device(device: torch.device):
+    """The run's GPU made current, for whatever does not name one (a cuda:1 run must not touch cuda:0)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def device_budget(cfg: RunConfig, device: torch.device) -> tuple[int | None, str]:
+    """Bytes the experts of one strategy may take on the device (None: no limit), and where that comes from:
+    --device-memory, else on CUDA what is free once the model's other weights are there, less a reserve."""
+    if cfg.device_memory is not None:
+        return cfg.device_memory, f"--device-memory {cfg.device_memory / 1e9:.2f} GB"
+    if device.type != "cuda":
+        return None, "no limit on the CPU"
+    free, total = torch.cuda.mem_get_info(device)
+    reserve = int(total * DEVICE_RESERVE)
+    return free - reserve, (f"{free / 1e9:.2f} GB free on {device} less {reserve / 1e9:.2f} GB kept for "
+                            f"activations and the KV cache")
+
+
+def fits(capacity: int, store, budget: tuple[int | None, str]) -> bool:
+    """`capacity` slots per layer of experts fit in the device budget."""
+    return budget[0] is None or capacity * store.num_layers * store.layout.nbytes <= budget[0]
+
+
+def fitting(strategies: list, capacities: list[int], store, budget: tuple[int | None, str]):
+    """The strategies whose experts fit on the device, their capacities, and label -> why for the rest;
+    a UsageError when none fits."""
+    skipped = {}
+    for strategy, capacity in zip(strategies, capacities, strict=True):
+        if not fits(capacity, store, budget):
+            need = capacity * store.num_layers * store.layout.nbytes
+            skipped[strategy.label] = (f"its experts need {need / 1e9:.2f} GB on the device and the run has "
+                                       f"{max(budget[0], 0) / 1e9:.2f} GB for them ({budget[1]})")
+    if len(skipped) == len(strategies):
+        raise UsageError(f"no strategy fits on the device: {next(iter(skipped.values()))}; "
+                         "lower --cache-rate or --gpu-memory")
+    kept = [(s, c) for s, c in zip(strategies, capacities, strict=True) if s.label not in skipped]
+    return [s for s, _ in kept], [c for _, c in kept], skipped
+
+
+def record_routing(loaded: LoadedModel, cfg: RunConfig, device, batches: list[Batch], routing: tuple,
+                   predictors: dict | None = None, routing_log: RoutingLogBuilder | None = None) -> StrategyRun:
+    """A pass over the workload, unreported, under `routing` (a strategy and its cache slots per layer), for
+    strategies that read the routing (and, given a builder, to record the routing log with `predictors`'
+    guesses). Any strategy routes alike: offloading never changes a token's hidden states."""
     quiet = tqdm(disable=True)
     once = dataclasses.replace(cfg, warmup=0, repeats=1)
-    full = resolve("full_gpu")[0]
-    return run_strategy(loaded, full, loaded.store.num_experts, once, device, batches, quiet, predictors,
-                        detail=False, routing_log=routing_log)
+    strategy, capacity = routing
+    return run_strategy(loaded, strategy, capacity, once, device, batches, quiet, predictors, detail=False,
+                        routing_log=routing_log)
 
 
 def routing_log_builder(cfg: RunConfig, loaded: LoadedModel, batches: list[Batch]) -> RoutingLogBuilder:
@@ -217,6 +258,12 @@ def run(cfg: RunConfig) -> tuple[pd.DataFrame, Path]:
     loaded = load_model(cfg, device)
     store = loaded.store
     capacities = [strategy_capacity(strategy, loaded, cfg.cache_rate, cfg.gpu_memory) for strategy in strategies]
+    budget = device_budget(cfg, device)
+    strategies, capacities, skipped = fitting(strategies, capacities, store, budget)
+    # the routing that static and oracle read: full_gpu's, or, when its experts do not fit, an lru pass's
+    routing = ((resolve("full_gpu")[0], store.num_experts) if fits(store.num_experts, store, budget) else
+               (resolve("lru")[0], cache_capacity(store.num_experts, loaded.top_k, store.num_layers,
+                                                  store.layout.nbytes, cfg.cache_rate, cfg.gpu_memory)))
     learned = learned_predictors(cfg, loaded, strategies)
     batches = make_batches(cfg.workload, loaded)  # the last input check: nothing is written before it
     writer = RunWriter(cfg.out, cfg.overwrite)
@@ -227,39 +274,46 @@ def run(cfg: RunConfig) -> tuple[pd.DataFrame, Path]:
         "environment": {**provenance.capture(device), "compute_threads": compute_threads(device)},
         "model": _model_info(loaded),
         "strategies": {},
+        "skipped": skipped,  # label -> why it did not run here
     }
     runs: list[StrategyRun] = []
     progress = tqdm(total=len(strategies) * (cfg.warmup + cfg.repeats) * len(batches), desc="batches",
                     unit="batch", disable=None, leave=False)
-    trace, reference = None, None  # the routing and tokens of full_gpu, once it has run
+    trace, reference = None, None  # the routing, and (label, tokens) the others' tokens are held against
     predictors = {"learned": learned} if learned is not None else {}
     try:
         if cfg.record_trace is not None:
             progress.set_postfix_str("recording the routing log")
             builder = routing_log_builder(cfg, loaded, batches)
-            recorded = record_routing(loaded, cfg, device, batches, predictors or own_predictors(cfg, loaded), builder)
-            trace, reference = routing_trace(recorded), recorded.tokens
-            meta["trace"] = "recorded by an unreported full_gpu pass"
+            recorded = record_routing(loaded, cfg, device, batches, routing, predictors or own_predictors(cfg, loaded),
+                                      builder)
+            trace, reference = routing_trace(recorded), (routing[0].label, recorded.tokens)
+            meta["trace"] = f"recorded by an unreported {routing[0].label} pass"
             builder.build().save(cfg.record_trace)
             meta["routing_log"] = str(cfg.record_trace)
         for strategy, capacity in zip(strategies, capacities, strict=True):
             progress.set_postfix_str(strategy.label)
             if strategy.needs_trace and trace is None:
                 progress.set_postfix_str("recording routing")
-                recorded = record_routing(loaded, cfg, device, batches)
-                trace, reference = routing_trace(recorded), recorded.tokens
-                meta["trace"] = "recorded by an unreported full_gpu pass"
+                recorded = record_routing(loaded, cfg, device, batches, routing)
+                trace, reference = routing_trace(recorded), (routing[0].label, recorded.tokens)
+                meta["trace"] = f"recorded by an unreported {routing[0].label} pass"
             runs.append(run_strategy(loaded, strategy, capacity, cfg, device, batches, progress, predictors,
                                      trace if strategy.needs_trace else None))
             if strategy.label == "full_gpu":
-                trace, reference = routing_trace(runs[-1]), runs[-1].tokens
+                trace, reference = routing_trace(runs[-1]), ("full_gpu", runs[-1].tokens)
                 meta["trace"] = "recorded by the full_gpu run"
             meta["strategies"][strategy.label] = {"cache_slots_per_layer": capacity,
                                                   "cache_bytes": capacity * store.num_layers * store.layout.nbytes,
                                                   "link": runs[-1].link, "unmeasured": runs[-1].unmeasured}
             writer.timeline(len(runs) - 1, runs[-1].timeline)
             runs[-1].timeline = None  # on disk now; a run's timelines together can take gigabytes
-            summary = _write_tables(writer, runs, cfg, reference)
+            if device.type == "cuda":  # the strategy's slot pool is gone: the next one's peaks are its own
+                with on_device(device):
+                    torch.cuda.empty_cache()
+            reference = reference or (runs[0].label, runs[0].tokens)
+            meta["tokens_reference"] = reference[0]
+            summary = _write_tables(writer, runs, cfg, reference[1])
             writer.metadata(meta)
         meta["status"] = "complete"
     except BaseException as error:  # Ctrl-C included: keep what finished, say it is incomplete
@@ -290,8 +344,7 @@ def _model_info(loaded: LoadedModel) -> dict:
 
 
 def _write_tables(writer: RunWriter, runs: list[StrategyRun], cfg: RunConfig, reference) -> pd.DataFrame:
-    """`reference`: full_gpu's tokens, when it ran (listed, or for the trace); else the first strategy's."""
-    reference = reference if reference is not None else runs[0].tokens
+    """`reference`: the tokens every strategy's are held against (run.json's tokens_reference says whose)."""
     matches = {run.label: all(map(torch.equal, run.tokens, reference)) for run in runs}
     return write_tables(writer, runs, cfg.baseline, matches)
 

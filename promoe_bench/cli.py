@@ -33,6 +33,9 @@ def main():
 @click.option("--cache-rate", type=float, default=0.5, show_default=True,
               help="Fraction of each layer's experts cached.")
 @click.option("--gpu-memory", type=int, default=None, help="Byte budget for the expert cache (overrides --cache-rate).")
+@click.option("--device-memory", type=int, default=None,
+              help="Bytes the experts may take on the device; a strategy needing more (full_gpu: every expert) is "
+              "skipped, with its reason. Default: on CUDA what is free after loading, less 10%; on the CPU no limit.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 @click.option("--dtype", default="auto", show_default=True, help="auto (the checkpoint's), float32, bfloat16, float16.")
 @click.option("--link-gbps", type=float, default=DEFAULT_LINK_GBPS, show_default=True,
@@ -78,12 +81,15 @@ def run(**options):
     if cfg.torch_device().type == "cpu":
         click.echo(f"device: cpu, emulated host-to-device link at {cfg.link_gbps} GB/s + "
                    f"{cfg.link_latency_us} us per copy (timings are emulated, not PCIe)")
+    meta, tables = load_run(out)
     click.echo(format_table(summary, cfg.baseline))
+    for label, why in meta.get("skipped", {}).items():
+        click.echo(f"skipped {label}: {why}")
     if cfg.baseline not in set(summary["strategy"]):
         click.echo(f"note: no speedups: the baseline {cfg.baseline} was not among the strategies run", err=True)
     if not summary["tokens_match"].all():
-        click.echo("warning: some strategies produced different tokens than full_gpu (see summary.csv)", err=True)
-    tables = load_run(out)[1]
+        click.echo(f"warning: some strategies produced different tokens than {meta['tokens_reference']} "
+                   "(see summary.csv)", err=True)
     warnings, note = variability_warnings(tables["statistics"], tables["requests"])
     for line in warnings:
         click.echo(f"warning: {line}", err=True)

@@ -20,6 +20,9 @@ from .workloads import Workload
 # full_gpu decodes in about 5.5 ms over 6 layers (README: The emulated link).
 DEFAULT_LINK_GBPS = 0.05
 DEFAULT_LINK_LATENCY_US = 20.0
+# On CUDA, the share of the device's memory kept free of experts for activations, the KV cache and the
+# caching allocator's slack, when --device-memory does not say how much the experts may take.
+DEVICE_RESERVE = 0.10
 
 
 def flag_workload(prompt_len: int | None = None, gen_len: int | None = None, batch_size: int | None = None,
@@ -40,6 +43,7 @@ class RunConfig:
     strategies: str = "all"
     cache_rate: float = 0.5
     gpu_memory: int | None = None  # bytes for the expert cache; overrides cache_rate when given
+    device_memory: int | None = None  # bytes the experts may take on the device (default: CUDA's free memory)
     device: str = "auto"
     dtype: str = "auto"
     link_gbps: float = DEFAULT_LINK_GBPS
@@ -56,8 +60,9 @@ class RunConfig:
     def __post_init__(self):
         if not 0 < self.cache_rate <= 1:
             raise UsageError(f"--cache-rate must be in (0, 1], got {self.cache_rate}")
-        if self.gpu_memory is not None and self.gpu_memory <= 0:
-            raise UsageError(f"--gpu-memory must be a positive number of bytes, got {self.gpu_memory}")
+        for flag, value in (("--gpu-memory", self.gpu_memory), ("--device-memory", self.device_memory)):
+            if value is not None and value <= 0:
+                raise UsageError(f"{flag} must be a positive number of bytes, got {value}")
         for flag, value, low in (
             ("--repeats", self.repeats, 1),
             ("--warmup", self.warmup, 0),

@@ -5,7 +5,7 @@ which experts may be candidates at all (never one being copied or computed with)
 """
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 
 class EvictionPolicy(ABC):
@@ -101,11 +101,15 @@ class Static(LRU):
 class Belady(EvictionPolicy):
     """Evict the expert whose next use is farthest away (Belady's MIN), from a recorded routing trace.
 
-    `position(layer)` is how many forwards of the layer have been routed: the forward in progress has
-    its experts protected by the cache, so "next use" counts from the forward after it."""
+    The policy counts each layer's forwards itself (`begin_forward`): the forward in progress has its
+    experts protected by the cache, so "next use" counts from the forward after it."""
 
-    def __init__(self, trace, position: Callable[[int], int]):
-        self.trace, self.position = trace, position
+    def __init__(self, trace):
+        self.trace = trace
+        self._position = [0] * len(trace.forwards)  # per layer, forwards begun so far
+
+    def begin_forward(self, layer, tokens):
+        self._position[layer] += 1
 
     def touch(self, layer, expert):
         pass
@@ -114,5 +118,5 @@ class Belady(EvictionPolicy):
         pass
 
     def victim(self, layer, candidates):
-        here = self.position(layer)
+        here = self._position[layer]
         return max(sorted(candidates), key=lambda e: self.trace.next_use(layer, e, here), default=None)

@@ -185,8 +185,10 @@ def _warnings(run: data.Run, several: bool) -> list[str]:
         for metric, why in info.get("unmeasured", {}).items():
             reasons.setdefault(why, set()).add(metric)
     lines += [f"not measured ({why}): {', '.join(sorted(metrics))}" for why, metrics in reasons.items()]
+    lines += [f"{label} was not run: {why}" for label, why in meta.get("skipped", {}).items()]
     matches = tables["summary"].set_index("strategy")["tokens_match"].astype(str).str.lower()
-    lines += [f"{label} produced different tokens than full_gpu" for label in matches[matches == "false"].index]
+    reference = meta.get("tokens_reference", "full_gpu")
+    lines += [f"{label} produced different tokens than {reference}" for label in matches[matches == "false"].index]
     gaps = meta.get("simulated", {}).get("gaps", {}).get("missing_rows")
     if gaps:
         lines.append(f"the routing log misses {gaps} token-layers (imported as they were, never invented)")

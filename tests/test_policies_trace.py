@@ -125,9 +125,17 @@ def test_from_layer_rows_accepts_a_single_routed_expert_stored_as_a_number():
 # -- Belady ---------------------------------------------------------------------------------------------
 
 
+def belady_at(trace, *positions) -> Belady:
+    """A Belady policy whose layers have begun `positions[layer]` forwards."""
+    belady = Belady(trace)
+    for layer, position in enumerate(positions):
+        for _ in range(position):
+            belady.begin_forward(layer, None)
+    return belady
+
+
 def test_belady_evicts_the_farthest_next_use(trace):
-    position = [1, 0]
-    belady = Belady(trace, lambda layer: position[layer])
+    belady = belady_at(trace, 1, 0)
     # from forward 1 of layer 0: 3 is used now (0), 2 in 1, 1 in 2, 4 in 1
     assert belady.victim(0, {1, 2, 3}) == 1
     assert belady.victim(0, {2, 3}) == 2
@@ -135,35 +143,35 @@ def test_belady_evicts_the_farthest_next_use(trace):
 
 
 def test_belady_evicts_a_never_used_again_expert_first_lowest_id(trace):
-    belady = Belady(trace, lambda layer: 0)
+    belady = belady_at(trace, 0, 0)
     assert belady.victim(0, {1, 2, 3, 4, 6}) == 6
     assert belady.victim(0, {1, 2, 3, 4, 7, 6}) == 6  # both never routed: the lower id
     assert belady.victim(1, {0, 2, 5, 7}) == 2
 
 
 def test_belady_ties_go_to_the_lowest_id(trace):
-    belady = Belady(trace, lambda layer: 1)
+    belady = belady_at(trace, 1, 1)
     # layer 1 from forward 1: 5 and 3 now (0), 0 in 1, 7 in 2
     assert belady.victim(1, {3, 5}) == 3
     assert belady.victim(1, {5, 0, 3}) == 0
-    belady = Belady(RoutingTrace([[(1, 2), (5, 4)]]), lambda layer: 0)
+    belady = belady_at(RoutingTrace([[(1, 2), (5, 4)]]), 0)
     assert belady.victim(0, {5, 4}) == 4  # both come back in the same forward
 
 
-def test_belady_reads_the_position_live(trace):
-    position = [0, 0]
-    belady = Belady(trace, lambda layer: position[layer])
+def test_belady_counts_each_layers_forwards_as_they_begin(trace):
+    belady = Belady(trace)
     candidates = {1, 2, 3}
     answers = []
-    for step in range(6):
-        position[0] = step
+    for _ in range(6):
         answers.append(belady.victim(0, candidates))
+        belady.begin_forward(0, None)
     # from 0: 1:0 2:0 3:1 -> 3; from 1: 1:2 2:1 3:0 -> 1; from 2: 1:1 2:0 3:3 -> 3;
     # from 3: 1:0 2:1 3:2 -> 3; then the next repeat
     assert answers == [3, 1, 3, 3, 3, 1]
-    position[1] = 3  # layers read their own position
+    for _ in range(3):  # layers keep their own count
+        belady.begin_forward(1, None)
     assert belady.victim(1, {0, 3, 5}) == 3  # from forward 3 of layer 1: 0 and 5 in 1, 3 in 2
-    assert belady.victim(0, {1, 2, 3}) == 1  # layer 0 still reads position 5
+    assert belady.victim(0, {1, 2, 3}) == answers[2]  # layer 0 kept its own count: forward 6, as forward 2
 
 
 # -- Static ---------------------------------------------------------------------------------------------

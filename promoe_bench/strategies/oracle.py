@@ -20,4 +20,4 @@ class Oracle(ProMoE):
         return True
 
     def eviction_policy(self, env):
-        return Belady(env.trace, env.position)
+        return Belady(env.trace)
