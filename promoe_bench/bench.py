@@ -42,6 +42,7 @@ class StrategyRun:
     phases: list[dict]  # the meter's row per (repeat, batch, phase)
     samples: pd.DataFrame  # the meter's samples, `t_s` on the timeline's clock
     unmeasured: dict[str, str]  # metric -> why this machine could not measure it
+    dispatch_host_us: dict[str, float] | None  # phase -> per MoE layer on the hit path (offload.DispatchTime)
 
 
 @dataclass(frozen=True)
@@ -125,12 +126,16 @@ def run_strategy(loaded: LoadedModel, strategy, capacity: int, cfg: RunConfig, d
         meter.close()
         runtime.close()
     clock = runtime.recorder.clock
+    unmeasured = dict(meter.missing)
+    if not runtime.dispatch.layers:
+        unmeasured["dispatch_host_us_per_layer"] = "no layer had every routed expert resident (the hit path)"
     samples = pd.DataFrame(meter.samples)
     samples.insert(0, "strategy", strategy.label)
     samples.insert(1, "t_s", samples.pop("t") - clock.host_origin_ns * 1e-9)
     return StrategyRun(strategy.label, capacity, requests, steps, runtime.recorder.rows_frame(), tokens,
                        {**link.describe(), "achieved_gbps": link.counters.achieved_gbps},
-                       timeline.frame(runtime.recorder.timeline), phases, samples, dict(meter.missing))
+                       timeline.frame(runtime.recorder.timeline), phases, samples, unmeasured,
+                       runtime.dispatch.per_layer_us())
 
 
 def routing_trace(strategy_run: StrategyRun) -> RoutingTrace:
@@ -305,7 +310,8 @@ def run(cfg: RunConfig) -> tuple[pd.DataFrame, Path]:
                 meta["trace"] = "recorded by the full_gpu run"
             meta["strategies"][strategy.label] = {"cache_slots_per_layer": capacity,
                                                   "cache_bytes": capacity * store.num_layers * store.layout.nbytes,
-                                                  "link": runs[-1].link, "unmeasured": runs[-1].unmeasured}
+                                                  "link": runs[-1].link, "unmeasured": runs[-1].unmeasured,
+                                                  "dispatch_host_us_per_layer": runs[-1].dispatch_host_us}
             writer.timeline(len(runs) - 1, runs[-1].timeline)
             runs[-1].timeline = None  # on disk now; a run's timelines together can take gigabytes
             if device.type == "cuda":  # the strategy's slot pool is gone: the next one's peaks are its own

@@ -59,21 +59,18 @@ class CopyEngine:
             if self.scheduler.evict(layer, expert):
                 self._issue()  # a task may be waiting for this slot
 
-    def begin_forward(self, layer: int, order: list[int], tokens: dict[int, int] | None = None) -> None:
+    def begin_forward(self, layer: int, order: list[int], tokens: dict[int, int] | None = None) -> int:
+        """The layer's routed experts (`order`) are its current forward's; returns how many of them have
+        landed. Those stay until `computed` or `release`: pending experts are no eviction candidates, and only
+        an expert compute awaits may take a pending one's slot, which none will while all have landed."""
         with self._cv:
             self.cache.begin_forward(layer, order, tokens)
+            entries = self.cache.entries(layer)
+            return sum(1 for expert in order if (entry := entries.get(expert)) is not None and entry.ready)
 
     def reorder(self, layer: int, order: list[int]) -> None:
         with self._cv:
             self.cache.reorder(layer, order)
-
-    def all_resident(self, layer: int, experts: list[int]) -> bool:
-        """Every one of `experts` (the layer's current forward) has landed. Then none can leave before
-        `computed`: pending experts are no eviction candidates, and only an expert compute awaits may
-        take a pending one's slot, which none will be."""
-        with self._cv:
-            entries = self.cache.entries(layer)
-            return all((entry := entries.get(e)) is not None and entry.ready for e in experts)
 
     def wait(self, layer: int, expert: int, chunks: int) -> tuple[Entry, bool]:
         """Block until `chunks` chunks of the expert are issued (`link.device_waits`) or have landed, and

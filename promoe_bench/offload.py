@@ -37,6 +37,24 @@ def offloaded_experts_forward(self, hidden_states, top_k_index, top_k_weights):
 ExpertsInterface.register(IMPLEMENTATION, offloaded_experts_forward)
 
 
+class DispatchTime:
+    """The host time an experts call adds to the experts' own math on the hit path (every routed expert
+    resident, so no wait for a copy counts), per phase: after the routing read, what the runtime does
+    around the experts (strategy, cache, grouping, combining), not inside their matmuls and gate."""
+
+    def __init__(self):
+        self.ns: dict[str, int] = {}
+        self.layers: dict[str, int] = {}
+
+    def add(self, phase: str, ns: int) -> None:
+        self.ns[phase] = self.ns.get(phase, 0) + ns
+        self.layers[phase] = self.layers.get(phase, 0) + 1
+
+    def per_layer_us(self) -> dict[str, float]:
+        """Phase -> mean microseconds per MoE layer, for the phases that had a layer on the hit path."""
+        return {phase: self.ns[phase] / layers * 1e-3 for phase, layers in self.layers.items()}
+
+
 class OffloadRuntime:
     """Implements the strategies' Environment on a real model; one instance per strategy run."""
 
@@ -65,6 +83,8 @@ class OffloadRuntime:
         self.link = link
         self.recorder = StepRecorder(Clock(device), store.num_layers, detail)
         self.routing_log = routing_log
+        self.dispatch = DispatchTime()
+        self._phase = "decode"  # of the step under way
         self._hooks = []
         for layer in loaded.layers:
             layer.experts._promoe_offload = (self, layer.index)
@@ -126,6 +146,7 @@ class OffloadRuntime:
     # -- hooks ---------------------------------------------------------------------------------
 
     def begin_step(self, **context) -> None:
+        self._phase = context.get("phase", "decode")
         self.recorder.begin_step(**context)
         if self.routing_log is not None:
             self.routing_log.add_forward(context["batch"], context["step"])
@@ -160,27 +181,32 @@ class OffloadRuntime:
         # hidden_states [T, H], top_k_index / top_k_weights [T, K]
         # host sync, the one of the layer: the host must know the routed experts to copy the missing ones
         chosen = top_k_index.flatten().tolist()  # [T*K]
+        routed_ns = time.perf_counter_ns()  # the device caught up with the host: dispatch's own time from here
         routed = list(dict.fromkeys(chosen))
         tokens = Counter(chosen) if len(top_k_index) > 1 else None  # how many tokens chose each expert
         if self.routing_log is not None:
             self.routing_log.add_layer(layer, top_k_index, top_k_weights)
-        hits = sum(self.is_resident(layer, e) for e in routed)
-        self.recorder.router_end(layer, routed, hits)
         self._positions[layer] += 1
         # the routed experts are this forward's before the strategy requests any copy: a copy that starts
         # at once must not evict one of them to make room
-        self.engine.begin_forward(layer, routed, tokens)
+        hits = self.engine.begin_forward(layer, routed, tokens)
+        self.recorder.router_end(layer, routed, hits)
         order = self.strategy.on_router(self, layer, routed)
         if order is not routed:  # reordered: the order only, nothing movable changes
             assert sorted(order) == sorted(routed), f"{self.strategy.name} must run each routed expert once"
             self.engine.reorder(layer, order)
         dispatch = Dispatch(chosen, hidden_states, top_k_index, top_k_weights)
-        if self.engine.all_resident(layer, order):  # the hit path: no waits, no engine call per expert
-            entries, slots = self.cache.entries(layer), []
+        math_ns = None  # host time in the experts' own math, on the hit path
+        if hits == len(routed):  # the hit path: no waits, no engine call per expert
+            entries, slots, math_ns = self.cache.entries(layer), [], 0
             start = self.recorder.stamp()
             for expert in order:
                 slots.append(entries[expert].slot)
-                dispatch.add(expert, self._expert(slots[-1], module, dispatch.inputs(expert)))
+                x = dispatch.inputs(expert)
+                began = time.perf_counter_ns()
+                out = self._expert(slots[-1], module, x)
+                math_ns += time.perf_counter_ns() - began
+                dispatch.add(expert, out)
                 start = self.recorder.expert(layer, expert, start)
             self.pool.mark_released(slots)
             self.engine.computed(layer, order)
@@ -196,7 +222,10 @@ class OffloadRuntime:
                 self.engine.release(layer, expert)
         self.strategy.after_layer(self, layer, order)
         self.recorder.experts_end(layer, self.cache.occupied_slots() * self.shape.expert_bytes)
-        return dispatch.combine()
+        output = dispatch.combine()
+        if math_ns is not None:
+            self.dispatch.add(self._phase, time.perf_counter_ns() - routed_ns - math_ns)
+        return output
 
     def _expert(self, slot, module, x):
         """One expert's output for `x` [n, H]: [n, H]."""

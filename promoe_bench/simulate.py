@@ -142,7 +142,7 @@ def simulate_strategy(log: RoutingLog, strategy, capacity: int, costs, chunk_byt
     link = {"kind": "simulated", "costs": costs.describe(), "bytes": sim.link.bytes}
     return StrategyRun(strategy.label, capacity, requests, steps, sim.recorder.rows_frame(), None, link,
                        timeline.frame(sim.recorder.timeline), [], pd.DataFrame(),
-                       {"hardware counters": "a simulation measures nothing"})
+                       {"hardware counters": "a simulation measures nothing"}, None)
 
 
 def simulate(cfg: SimConfig) -> tuple[pd.DataFrame, Path, list[str]]:

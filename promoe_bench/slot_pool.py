@@ -14,6 +14,11 @@ class SlotPool:
         self.device = device
         self.buffer = torch.empty(num_slots, layout.numel, dtype=layout.dtype, device=device)
         self._views = [layout.chunk_views(self.buffer[slot]) for slot in range(num_slots)]
+        # gate and up as one [2I, H] matrix when they lie back to back (no bias, not transposed), so one matmul
+        # computes both exactly as transformers' experts do; made once, read for every expert computed
+        fused = not (layout.has_bias or layout.transposed)
+        self._fused = [self.buffer[slot, : 2 * layout.intermediate * layout.hidden].view(-1, layout.hidden)
+                       if fused else None for slot in range(num_slots)]
         # On CUDA, the stream compute reads slots on, and per slot the event after the last compute queued
         # there that read it: a copy into the slot must wait for it.
         self._compute = torch.cuda.current_stream(device) if device.type == "cuda" else None
@@ -28,11 +33,8 @@ class SlotPool:
         return self._views[slot]
 
     def fused_gate_up(self, slot: int) -> torch.Tensor | None:
-        """Gate and up as one [2I, H] matrix when they lie back to back (no bias, not transposed), so
-        one matmul computes both exactly as transformers' experts do."""
-        if self.layout.has_bias or self.layout.transposed:
-            return None
-        return self.buffer[slot, : 2 * self.layout.intermediate * self.layout.hidden].view(-1, self.layout.hidden)
+        """Gate and up as one [2I, H] matrix, where the layout allows."""
+        return self._fused[slot]
 
     def mark_released(self, slots) -> None:
         """Compute queued so far is all that reads `slots` (one event for all of them)."""

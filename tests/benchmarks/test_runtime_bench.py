@@ -1,8 +1,8 @@
 """Benchmarks (pytest-benchmark). Run them with:  pytest tests/benchmarks --benchmark-enable
 
 - the emulated link's achieved bandwidth against its setting (extra_info: setting, achieved, ratio);
-- one decode step of the offload runtime under full_gpu against transformers' own forward on the same
-  model (same group: the table's ratio column is the runtime's per-step overhead);
+- one decode step of the offload runtime under full_gpu against the same model with each of transformers' own
+  experts implementations, interleaved (extra_info: each one's median and the runtime's over the fastest);
 - one decode step of the built-in model under promoe, all experts cached, with the timeline on and off
   (same group: the ratio is the instrumentation's overhead);
 - one layer's experts call through the runtime's ExpertsInterface implementation against transformers'
@@ -27,6 +27,7 @@ from promoe_bench.predictors import load_predictors, model_fingerprint
 from promoe_bench.strategies import parse
 
 from ..checkpoints import write_checkpoint
+from .conftest import DEVICE
 
 PROMPT = torch.randint(0, 96, (1, 16), generator=torch.Generator().manual_seed(0))
 
@@ -72,7 +73,7 @@ class Forward:
     @torch.no_grad()
     def __call__(self, input_ids, cache):
         if self.runtime:
-            self.runtime.recorder.begin_step(step=0)
+            self.runtime.begin_step(batch=0, step=0, phase="prefill" if input_ids.shape[1] > 1 else "decode")
         logits = self.model(input_ids=input_ids, cache=cache).logits
         if self.runtime:
             self.runtime.finish_step()  # ends with the device synchronised
@@ -81,25 +82,60 @@ class Forward:
         return logits
 
 
-@pytest.mark.benchmark(group="decode step: offload runtime (full_gpu) vs transformers")
-def test_decode_step_transformers_forward(benchmark, mixtral_folder):
-    model = AutoModelForCausalLM.from_pretrained(mixtral_folder, dtype=torch.float32)
-    setup, step = decode_step(Forward(model))
-    logits = benchmark.pedantic(step, setup=setup, rounds=40, warmup_rounds=3)
-    assert logits.shape == (1, 1, 96)
+TRANSFORMERS_EXPERTS = ("eager", "batched_mm", "grouped_mm")  # transformers' own experts implementations
+RUNTIME = "offload runtime (full_gpu)"
 
 
-@pytest.mark.benchmark(group="decode step: offload runtime (full_gpu) vs transformers")
-def test_decode_step_offload_runtime_full_gpu(benchmark, mixtral_folder):
-    loaded = load_checkpoint(str(mixtral_folder), torch.device("cpu"))
-    runtime = OffloadRuntime(loaded, parse("full_gpu"), 16, EmulatedLink(50, 0), torch.device("cpu"))
-    setup, step = decode_step(Forward(loaded.model, runtime))
+@pytest.fixture(scope="module")
+def qwen_folder(tmp_path_factory):
+    """Qwen-MoE's routing shape (60 experts, top-4, a shared expert) at toy sizes."""
+    return write_checkpoint(tmp_path_factory.mktemp("bench") / "qwen2_moe", "qwen2_moe", num_experts=60,
+                            num_experts_per_tok=4, hidden_size=128, moe_intermediate_size=64, intermediate_size=256,
+                            shared_expert_intermediate_size=256, num_hidden_layers=4, vocab_size=512)
+
+
+@pytest.mark.parametrize("model", ["builtin", "qwen2_moe 60 experts top-4"])
+def test_decode_step_full_gpu_against_transformers_experts(benchmark, model, qwen_folder):
+    """One decode step of the runtime under full_gpu against the same model with each of transformers' own
+    experts implementations, step by step in turn so that the machine's drift hits all alike; extra_info
+    holds each one's median step and the runtime's over transformers' fastest (what offloading costs when
+    nothing is offloaded). Every model takes the same tokens: their logits must agree."""
+    folder = builtin_checkpoint() if model == "builtin" else qwen_folder
+    forwards = {impl: Forward(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
+                                                                   experts_implementation=impl).to(DEVICE))
+                for impl in TRANSFORMERS_EXPERTS}
+    loaded = load_checkpoint(str(folder), DEVICE)
+    runtime = OffloadRuntime(loaded, parse("full_gpu"), loaded.store.num_experts, EmulatedLink(50, 0), DEVICE,
+                             detail=False)
+    forwards[RUNTIME] = Forward(loaded.model, runtime)
+    prompt = PROMPT.to(DEVICE)
+    caches, seconds, logits = {}, {name: [] for name in forwards}, {}
+
+    def step_each():
+        if len(seconds[RUNTIME]) % 16 == 0:  # a fresh 16-token prompt now and then: the KV cache stays short
+            caches.update({name: DynamicCache(config=forward.config) for name, forward in forwards.items()})
+            for name, forward in forwards.items():
+                forward(prompt, caches[name])
+        names = list(forwards)
+        shift = len(seconds[RUNTIME]) % len(names)  # none always goes first
+        for name in names[shift:] + names[:shift]:
+            start = time.perf_counter()
+            logits[name] = forwards[name](prompt[:, :1], caches[name])
+            seconds[name].append(time.perf_counter() - start)
+
     try:
-        logits = benchmark.pedantic(step, setup=setup, rounds=40, warmup_rounds=3)
+        benchmark.pedantic(step_each, rounds=200, warmup_rounds=10)
     finally:
         runtime.close()
-    assert logits.shape == (1, 1, 96)
-    assert sum(row["bytes"] for row in runtime.recorder.rows) == 0
+    medians = {name: statistics.median(times) for name, times in seconds.items()}
+    fastest = min(TRANSFORMERS_EXPERTS, key=medians.get)
+    benchmark.extra_info.update({f"median_step_ms[{name}]": t * 1e3 for name, t in medians.items()},
+                                transformers_fastest=fastest,
+                                full_gpu_over_transformers_fastest=medians[RUNTIME] / medians[fastest],
+                                dispatch_host_us_per_layer=runtime.dispatch.per_layer_us()["decode"])
+    for impl in TRANSFORMERS_EXPERTS:
+        torch.testing.assert_close(logits[RUNTIME], logits[impl], rtol=1e-4, atol=1e-5, msg=impl)
+    assert runtime.dispatch.layers["decode"] > 0 and sum(row["bytes"] for row in runtime.recorder.rows) == 0
 
 
 @pytest.fixture(scope="module")
