@@ -13,9 +13,13 @@ import torch
 from promoe_bench import bench
 from promoe_bench.checkpoint import load_checkpoint
 from promoe_bench.config import RunConfig, flag_workload
+from promoe_bench.generation import generate
 from promoe_bench.report import write_report
 
+from .runtime_helpers import make_runtime
 from .test_cli import EXPERTS, MOE_LAYERS, assert_usage_error, run_cli
+
+PROMPT = torch.tensor([[5, 9, 3, 7, 1, 4]])
 
 
 @pytest.fixture(scope="module")
@@ -87,3 +91,21 @@ def test_a_finished_strategys_runtime_and_slot_pool_are_freed_without_a_collecti
     finally:
         gc.enable()
 
+
+
+def test_a_layers_input_is_let_go_once_its_block_has_run(checkpoints):
+    """The runtime keeps each MoE layer's input only while its block runs (its predictions are made from it):
+    T x H of activations per layer would otherwise stay for the whole step."""
+    loaded = load_checkpoint(str(checkpoints["mixtral"]), torch.device("cpu"))
+    runtime = make_runtime(loaded, "promoe[predictor=gate]", PROMPT, 2)
+    first, second = loaded.layers[0].block, loaded.layers[1].block
+    seen, alive_later = [], []
+    hooks = [first.register_forward_pre_hook(lambda module, args: seen.append(weakref.ref(args[0]))),
+             second.register_forward_pre_hook(lambda module, args: alive_later.append(seen[-1]() is not None))]
+    try:
+        generate(loaded.model, PROMPT, 2, runtime)
+    finally:
+        runtime.close()
+        for hook in hooks:
+            hook.remove()
+    assert alive_later == [False, False], "layer 0's input outlived its block"
