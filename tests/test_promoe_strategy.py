@@ -289,7 +289,7 @@ def test_static_requests_misses_high_in_routing_order():
     assert env.calls == [("request", 0, 5, HIGH, False), ("request", 0, 4, HIGH, False)]  # whole experts
 
 
-def test_oracle_predicts_with_the_oracle_and_evicts_with_belady_reading_the_position_live():
+def test_oracle_predicts_with_the_oracle_and_evicts_with_belady_counting_the_forwards():
     strategy = Oracle()
     assert strategy.predictor == "oracle" and strategy.needs_trace and strategy.predictors == {"oracle"}
     trace = RoutingTrace([[(1, 2), (3,), (2, 4), (1,)], [(0,), (1,), (2,), (3,)]])
@@ -299,9 +299,8 @@ def test_oracle_predicts_with_the_oracle_and_evicts_with_belady_reading_the_posi
     assert env.predicted() == [(0, 1, "oracle")]
     policy = strategy.eviction_policy(env)
     assert isinstance(policy, Belady) and policy.trace is trace
-    env.positions[0] = 0
-    assert policy.victim(0, {1, 2, 3}) == 3
-    env.positions[0] = 1
+    assert policy.victim(0, {1, 2, 3}) == 3  # no forward of layer 0 begun yet
+    policy.begin_forward(0, None)
     assert policy.victim(0, {1, 2, 3}) == 1
     # the rest is ProMoE's mechanism
     env.calls.clear()
